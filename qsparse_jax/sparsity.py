@@ -1,0 +1,144 @@
+"""Top-K activation sparsification with a straight-through estimator.
+
+Q-Sparse (arXiv 2407.10969, §2): ``Y = (X ⊙ M) Wᵀ`` (Eq. 2) with ``M = Top_k(|X|)`` (Eq. 3), per token
+along the input-feature (last) axis. Backward is the straight-through estimator
+``∂Y/∂X = ∂Y/∂(X⊙M)`` (Eq. 13); the vanilla masked gradient ``∂Y/∂(X⊙M) ⊙ M`` (Eq. 12) is kept for the
+ablation. Block Q-Sparse applies the same selection in every block of ``M`` consecutive features (N:M).
+
+Selection does not sort. ``|x|`` as a float32 is non-negative, so its IEEE bit pattern read as int32
+orders exactly like the value; a per-row binary search over that integer finds the k-th largest
+magnitude in 31 compare-and-count passes (plain reductions, so it also works when the feature axis is
+sharded, where ``lax.top_k`` does not). Ties at the threshold are broken towards the lowest index so
+that exactly ``k`` entries are kept.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+GRADS = ("ste", "masked")
+RESCALES = ("none", "l2_preserve")
+
+def keep_count(dim: int, sparsity: float) -> int:
+    """Number of entries kept out of ``dim``: ``k = int((1 - sparsity) · dim)`` (authors' code)."""
+    if not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be a positive integer, got {dim!r}")
+    if not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    k = int((1.0 - float(sparsity)) * dim)
+    if k < 1:
+        raise ValueError(f"sparsity {sparsity} keeps no entry out of {dim}; allowed: sparsity < {1 - 1 / dim:.6g}")
+    return k
+
+
+def _bisect(count_at_least, lo, hi, steps: int):
+    """Largest t in [lo, hi) with count_at_least(t) true, per row; ``steps`` halvings of the range."""
+
+    def body(_, carry):
+        lo, hi = carry
+        mid = lo + (hi - lo) // 2
+        ok = count_at_least(mid)
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, _ = lax.fori_loop(0, steps, body, (lo, hi))
+    return lo
+
+
+def _rows_topk_mask(x: jax.Array, k: int) -> jax.Array:
+    """Exact top-k-by-magnitude mask along the last axis, lowest index first among ties."""
+    d = x.shape[-1]
+    if k >= d:
+        return jnp.ones(x.shape, bool)
+    bits = lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.int32)
+    count = lambda m: jnp.sum(m, axis=-1, keepdims=True, dtype=jnp.int32)
+    # threshold t = k-th largest bit pattern: largest t with #(bits >= t) >= k
+    # bounds derived from `bits` so they carry its sharding (explicit-axis meshes require matching ones)
+    hi = jnp.minimum(jnp.max(bits, axis=-1, keepdims=True), 0x7F800000) + 1  # +inf at most (NaN bits are above)
+    t = _bisect(lambda t: count(bits >= t) >= k, hi * 0, hi, 31)
+    above = bits > t
+    ties = bits == t
+    need = k - count(above)
+
+    def break_ties(_):
+        # keep the first `need` ties (need >= 1 since t is the k-th largest): the last kept tie is at
+        # the largest p with #(ties & idx < p) < need
+        idx = bits * 0 + lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+        cut = _bisect(lambda p: count(ties & (idx < p)) < need, need * 0, need * 0 + d + 1, d.bit_length() + 1)
+        return above | (ties & (idx <= cut))
+
+    return lax.cond(jnp.any(count(ties) > need), break_ties, lambda _: above | ties, None)
+
+
+def topk_mask(x: jax.Array, k: int, *, block_size: int | None = None) -> jax.Array:
+    """Boolean mask ``M = Top_k(|x|)`` (Eq. 3) over the last axis, or per block of ``block_size`` (N:M)."""
+    _check(x, k, block_size)
+    if block_size is None:
+        return _rows_topk_mask(x, k)
+    blocks = x.reshape(x.shape[:-1] + (x.shape[-1] // block_size, block_size))
+    return _rows_topk_mask(blocks, k).reshape(x.shape)
+
+
+def _check(x, k, block_size):
+    d = x.shape[-1] if x.ndim else 0
+    if block_size is not None:
+        if not isinstance(block_size, int) or block_size < 1 or d % block_size:
+            raise ValueError(f"block_size must be a positive divisor of the feature size {d}, got {block_size!r}")
+        d = block_size
+    if not isinstance(k, int) or not 1 <= k <= d:
+        raise ValueError(f"k must be an integer in [1, {d}] (entries kept per {'block' if block_size else 'row'}), got {k!r}")
+
+
+def _forward(x, k, block_size, rescale):
+    mask = topk_mask(x, k, block_size=block_size)
+    y = jnp.where(mask, x, jnp.zeros((), x.dtype))
+    scale = None
+    if rescale == "l2_preserve":
+        x32, y32 = x.astype(jnp.float32), y.astype(jnp.float32)
+        full = jnp.sqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True))
+        kept = jnp.sqrt(jnp.sum(y32 * y32, axis=-1, keepdims=True))
+        scale = jnp.where(kept > 0, full / jnp.where(kept > 0, kept, 1.0), 1.0)
+        y = (y32 * scale).astype(x.dtype)
+    return y, mask, scale
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _topk_sparsify(x, k, block_size, rescale, grad):
+    return _forward(x, k, block_size, rescale)[0]
+
+
+def _topk_fwd(x, k, block_size, rescale, grad):
+    y, mask, scale = _forward(x, k, block_size, rescale)
+    # the STE needs nothing saved; the masked gradient needs the mask (and the rescale factor)
+    return y, ((mask, scale) if grad == "masked" else None)
+
+
+def _topk_bwd(k, block_size, rescale, grad, res, g):
+    if grad == "ste":
+        return (g,)  # Eq. 13: the cotangent passes through unmasked
+    mask, scale = res
+    g = jnp.where(mask, g, jnp.zeros((), g.dtype))  # Eq. 12
+    if scale is not None:
+        g = (g.astype(jnp.float32) * scale).astype(g.dtype)
+    return (g,)
+
+
+_topk_sparsify.defvjp(_topk_fwd, _topk_bwd)
+
+
+def topk_sparsify(x: jax.Array, k: int, *, block_size: int | None = None, rescale: str = "none",
+                  grad: str = "ste") -> jax.Array:
+    """``X ⊙ Top_k(|X|)`` per row of the last axis (Eq. 2–3), or per block of ``block_size`` (N:M).
+
+    rescale: ``"none"`` (authors' code) or ``"l2_preserve"``: kept entries times ‖x‖/‖x ⊙ M‖ per row.
+    grad: ``"ste"`` (Eq. 13, identity) or ``"masked"`` (Eq. 12, cotangent ⊙ M, times the rescale factor).
+    """
+    if rescale not in RESCALES:
+        raise ValueError(f"rescale must be one of {RESCALES}, got {rescale!r}")
+    if grad not in GRADS:
+        raise ValueError(f"grad must be one of {GRADS}, got {grad!r}")
+    _check(x, k, block_size)
+    return _topk_sparsify(x, k, block_size, rescale, grad)
