@@ -120,13 +120,11 @@ def measure_sparsity(model_or_apply, params_or_tokens, tokens=None, **kw) -> dic
     zeros ReLU² and int8 rounding make, not only those top-K makes.
     """
     if tokens is None:
-        model, tokens = model_or_apply, params_or_tokens
-        config = model.config
-        _, zeros = model(tokens, return_stats=True, **kw)
+        (apply, params), tokens = functional(model_or_apply), params_or_tokens
     else:
         apply, params = model_or_apply, params_or_tokens
-        config = apply.config
-        _, zeros = apply(params, tokens, return_stats=True, **kw)
+    config = apply.config
+    _, zeros = jax.jit(lambda p, t: apply(p, t, return_stats=True, **kw))(params, tokens)
     n_tok = tokens.size * config.n_layers
     dims = config.group_input_dims()
     s = {g: float(zeros[g]) / (n_tok * dims[g]) for g in PROJECTION_GROUPS}
