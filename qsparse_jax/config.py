@@ -71,7 +71,7 @@ class ModelConfig:
     n_heads: int = 4
     n_kv_heads: int | None = None  # None: = n_heads (no GQA)
     head_dim: int | None = None  # None: dim // n_heads
-    hidden_dim: int = 688  # GLU width
+    hidden_dim: int = 704  # GLU width (a multiple of 32, for Block Q-Sparse 16:32)
     activation: str = "relu2"  # Q-Sparse default; "silu" for imported Llama/Mistral/Qwen
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0

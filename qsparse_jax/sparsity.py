@@ -22,6 +22,7 @@ from jax import lax
 
 GRADS = ("ste", "masked")
 RESCALES = ("none", "l2_preserve")
+_FLOAT_COUNT_MIN = 128
 
 def keep_count(dim: int, sparsity: float) -> int:
     """Number of entries kept out of ``dim``: ``k = int((1 - sparsity) · dim)`` (authors' code)."""
@@ -54,7 +55,12 @@ def _rows_topk_mask(x: jax.Array, k: int) -> jax.Array:
     if k >= d:
         return jnp.ones(x.shape, bool)
     bits = lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.int32)
-    count = lambda m: jnp.sum(m, axis=-1, keepdims=True, dtype=jnp.int32)
+    # long rows: a float32 count (exact below 2^24) vectorizes better on CPU than an int32 sum of
+    # booleans (~30 % faster at d=1024); short rows (N:M blocks) are the other way round (~2x)
+    if d >= _FLOAT_COUNT_MIN:
+        count = lambda m: jnp.sum(jnp.where(m, 1.0, 0.0), axis=-1, keepdims=True)
+    else:
+        count = lambda m: jnp.sum(m, axis=-1, keepdims=True, dtype=jnp.int32)
     # threshold t = k-th largest bit pattern: largest t with #(bits >= t) >= k
     # bounds derived from `bits` so they carry its sharding (explicit-axis meshes require matching ones)
     hi = jnp.minimum(jnp.max(bits, axis=-1, keepdims=True), 0x7F800000) + 1  # +inf at most (NaN bits are above)
@@ -67,7 +73,8 @@ def _rows_topk_mask(x: jax.Array, k: int) -> jax.Array:
         # keep the first `need` ties (need >= 1 since t is the k-th largest): the last kept tie is at
         # the largest p with #(ties & idx < p) < need
         idx = bits * 0 + lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-        cut = _bisect(lambda p: count(ties & (idx < p)) < need, need * 0, need * 0 + d + 1, d.bit_length() + 1)
+        zero = hi * 0
+        cut = _bisect(lambda p: count(ties & (idx < p)) < need, zero, zero + d + 1, d.bit_length() + 1)
         return above | (ties & (idx <= cut))
 
     return lax.cond(jnp.any(count(ties) > need), break_ties, lambda _: above | ties, None)
