@@ -49,12 +49,12 @@ class SparsityConfig:
         for g in PROJECTION_GROUPS:
             s = getattr(self, g)
             _require(isinstance(s, (int, float)) and not isinstance(s, bool) and 0.0 <= s < 1.0,
-                     f"sparsity.{g} must be a number in [0, 1), got {s!r}")
+                     f"model.sparsity.{g} must be a number in [0, 1), got {s!r}")
         bs = self.block_size
         _require(bs is None or (isinstance(bs, int) and not isinstance(bs, bool) and bs >= 1),
-                 f"sparsity.block_size must be a positive integer or null, got {bs!r}")
-        _require(self.rescale in RESCALES, f"sparsity.rescale must be one of {RESCALES}, got {self.rescale!r}")
-        _require(self.grad in GRADS, f"sparsity.grad must be one of {GRADS}, got {self.grad!r}")
+                 f"model.sparsity.block_size must be a positive integer or null, got {bs!r}")
+        _require(self.rescale in RESCALES, f"model.sparsity.rescale must be one of {RESCALES}, got {self.rescale!r}")
+        _require(self.grad in GRADS, f"model.sparsity.grad must be one of {GRADS}, got {self.grad!r}")
 
     @property
     def enabled(self) -> bool:
@@ -149,3 +149,227 @@ class ModelConfig:
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
+
+
+# --- the training config tree ---------------------------------------------------------------------
+
+SCHEDULES = ("cosine", "polynomial", "constant", "two_stage")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from. ``source: stdlib`` is the embedded corpus (the Python standard
+    library's own ``.py`` files), present on every machine; otherwise a file or directory of text,
+    JSONL (``text_field``) or ArrayRecord files."""
+
+    source: str = "stdlib"
+    format: str = "auto"  # auto | text | jsonl | arrayrecord
+    text_field: str = "text"
+    tokenizer: str = "byte"  # byte, or a path to a HF tokenizer.json
+    seq_len: int = 256
+    batch_size: int = 16  # global, in sequences
+    val_fraction: float = 0.02  # of documents, chosen by a hash of their name
+    seed: int = 0
+
+    def __post_init__(self):
+        _require(self.format in ("auto", "text", "jsonl", "arrayrecord"),
+                 f"data.format must be one of auto, text, jsonl, arrayrecord, got {self.format!r}")
+        for name in ("seq_len", "batch_size"):
+            v = getattr(self, name)
+            _require(v >= 1, f"data.{name} must be a positive integer, got {v!r}")
+        _require(0.0 < self.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        _require(bool(self.source), "data.source must name the corpus: 'stdlib' or a path")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with warmup then cosine / polynomial / constant decay, or BitNet's two-stage schedule
+    (``lr`` → ``lr2`` and ``weight_decay`` → ``weight_decay2`` at ``stage2_at`` of training)."""
+
+    lr: float = 3e-3
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float | None = 1.0
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    end_lr_ratio: float = 0.1  # final lr / peak lr
+    power: float = 1.0  # polynomial decay exponent
+    lr2: float | None = None  # two_stage: second-stage peak lr
+    weight_decay2: float = 0.0  # two_stage: second-stage weight decay
+    stage2_at: float = 0.5  # two_stage: fraction of steps
+    grad_accum: int = 1
+
+    def __post_init__(self):
+        _require(self.schedule in SCHEDULES, f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        _require(self.lr > 0, f"optim.lr must be positive, got {self.lr!r}")
+        _require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, f"optim.b1 and optim.b2 must be in [0, 1), got {self.b1}, {self.b2}")
+        _require(self.weight_decay >= 0 and self.weight_decay2 >= 0, "optim.weight_decay must be >= 0")
+        _require(self.clip_norm is None or self.clip_norm > 0, f"optim.clip_norm must be positive or null, got {self.clip_norm!r}")
+        _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        _require(0 <= self.end_lr_ratio <= 1, f"optim.end_lr_ratio must be in [0, 1], got {self.end_lr_ratio!r}")
+        _require(0 < self.stage2_at < 1, f"optim.stage2_at must be in (0, 1), got {self.stage2_at!r}")
+        _require(self.grad_accum >= 1, f"optim.grad_accum must be a positive integer, got {self.grad_accum!r}")
+        _require(self.schedule != "two_stage" or self.lr2 is not None, "optim.lr2 must be set for schedule two_stage")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes; one of them may be -1 for "all remaining devices"."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = (self.data, self.fsdp, self.tensor)
+        _require(all(s == -1 or s >= 1 for s in sizes), f"mesh sizes must be positive or -1, got {sizes}")
+        _require(sum(s == -1 for s in sizes) <= 1, f"at most one mesh axis may be -1, got {sizes}")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 500  # steps; 0 disables periodic saves (a final one is still written)
+    keep: int = 3
+    async_save: bool = True
+
+    def __post_init__(self):
+        _require(self.every >= 0, f"checkpoint.every must be >= 0, got {self.every!r}")
+        _require(self.keep >= 1, f"checkpoint.keep must be >= 1, got {self.keep!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+
+    def __post_init__(self):
+        for name in ("steps", "log_every", "eval_every", "eval_batches"):
+            v = getattr(self, name)
+            _require(v >= 1, f"train.{name} must be a positive integer, got {v!r}")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self):
+        _require(self.data.seq_len <= self.model.max_seq_len,
+                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        _require(self.data.tokenizer != "byte" or self.model.vocab_size >= 256,
+                 f"model.vocab_size must be >= 256 for the byte tokenizer, got {self.model.vocab_size}")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, key: str):
+    """Check ``value`` against annotation ``tp`` (int, float, bool, str, X | None, dataclass)."""
+    import types
+    import typing
+
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of {_type_name(tp)} fields, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # YAML reads weight_bits: 1.58 as a number
+    else:
+        return value
+    raise ConfigError(f"{key} must be {'a' if tp is not int else 'an'} {_type_name(tp)}, got {value!r}")
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass ``cls`` from a nested dict; an unknown key or a wrong type is a ConfigError."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in data:
+        if k not in names:
+            raise ConfigError(f"unknown config key '{prefix}{k}' (allowed under '{prefix.rstrip('.') or 'top level'}': "
+                              f"{', '.join(names)})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # e.g. a comparison against a wrongly typed value inside validation
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, in place."""
+    import yaml
+
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. optim.lr=1e-3")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{p}' is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    """YAML file (or defaults when ``path`` is None) plus ``key=value`` overrides → validated Config."""
+    import yaml
+
+    data: dict = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+    return from_dict(Config, apply_overrides(data, list(overrides)))
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
