@@ -1,0 +1,33 @@
+"""Command-line entry points. User mistakes exit with status 2 and one line, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def train_main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="train.py", description="Train a Q-Sparse / BitNet transformer.")
+    p.add_argument("--config", help="YAML config (configs/*.yaml); defaults when omitted")
+    p.add_argument("--workdir", required=True, help="run directory: metrics, tensorboard, checkpoints")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-3")
+    args = p.parse_args(argv)
+
+    from .config import ConfigError, load_config
+    from .trainer import TrainingError, train
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        metrics = train(cfg, args.workdir)
+    except (ConfigError, TrainingError) as e:  # DataError is a ConfigError
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail("interrupted")
+    if metrics.get("val_loss") is not None:
+        print(f"done: final validation loss {metrics['val_loss']:.4f}")
+    return 0

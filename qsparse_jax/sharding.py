@@ -1,0 +1,75 @@
+"""Device mesh and the one logical-axis → mesh-axis rules table (MaxText style).
+
+Parameters name their axes where they are created (``logical_axes`` metadata in ``layers.py``); this
+table is the only place those names meet mesh axes. A dimension whose size a mesh axis does not
+divide stays replicated along that axis.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from .config import ConfigError, MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axes it is split over, in order
+LOGICAL_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "embed": ("fsdp",),
+    "vocab": ("tensor",),
+    "heads": ("tensor",),
+    "kv": ("tensor",),
+    "mlp": ("tensor",),
+}
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+    """Mesh with axes (data, fsdp, tensor); a size of -1 takes the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    fixed = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % fixed:
+            raise ConfigError(f"mesh sizes {tuple(sizes)} do not divide the {len(devices)} devices")
+        sizes[sizes.index(-1)] = len(devices) // fixed
+    if math.prod(sizes) != len(devices):
+        raise ConfigError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} devices, "
+                          f"but {len(devices)} are available")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_to_spec(logical_axes, shape, mesh: Mesh) -> P:
+    """PartitionSpec for an array whose dimensions carry these logical names."""
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(logical_axes, shape):
+        axes = tuple(a for a in LOGICAL_RULES.get(name, ()) if a not in used and mesh.shape[a] > 1)
+        if axes and dim % math.prod(mesh.shape[a] for a in axes) == 0:
+            used.update(axes)
+            spec.append(axes[0] if len(axes) == 1 else axes)
+        else:
+            spec.append(None)
+    return P(*spec)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh):
+    """NamedSharding for every variable of an (abstract) ``nnx.State``, from its logical axes."""
+
+    def one(v):
+        axes = v.get_metadata().get("logical_axes") if isinstance(v, nnx.Variable) else None
+        shape = v.shape if isinstance(v, nnx.Variable) else np.shape(v)
+        spec = logical_to_spec(axes, shape, mesh) if axes else P()
+        return v.replace(NamedSharding(mesh, spec)) if isinstance(v, nnx.Variable) else NamedSharding(mesh, spec)
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches split over every data-parallel axis (data and fsdp)."""
+    return NamedSharding(mesh, P(LOGICAL_RULES["batch"]))

@@ -1,0 +1,315 @@
+"""The training loop: sharded init, one jitted step with donated state, evaluation, logging.
+
+``train(config, workdir)`` is what ``train.py`` calls. The step is ``jax.jit`` with explicit in/out
+shardings taken from the parameters' logical axes (``sharding.py``); the batch is split over the data
+and fsdp mesh axes. Metrics go to ``workdir/metrics.jsonl`` (one JSON line per logged step) and to
+tensorboardX event files under ``workdir/tensorboard``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from .config import Config, OptimConfig, to_dict
+from .model import Transformer, activated_params, cross_entropy, projection_params
+from .sharding import batch_sharding, make_mesh, state_shardings
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss, ...); the message is one line."""
+
+
+# --- optimizer -------------------------------------------------------------------------------------
+
+def lr_schedule(o: OptimConfig, steps: int):
+    """Linear warmup, then cosine / polynomial decay to ``end_lr_ratio · lr``, constant, or BitNet's
+    two stages (``lr`` decaying until ``stage2_at``, then ``lr2`` decaying to ``end_lr_ratio · lr2``)."""
+    warm = min(o.warmup_steps, max(steps - 1, 0))
+
+    def decay(peak, length):
+        if o.schedule == "constant":
+            return optax.constant_schedule(peak)
+        if o.schedule == "polynomial":
+            return optax.polynomial_schedule(peak, peak * o.end_lr_ratio, o.power, max(length, 1))
+        return optax.cosine_decay_schedule(peak, max(length, 1), alpha=o.end_lr_ratio)
+
+    if o.schedule == "two_stage":
+        split = max(int(o.stage2_at * steps), warm + 1)
+        first = optax.join_schedules([optax.linear_schedule(0.0, o.lr, warm), decay(o.lr, split - warm)], [warm])
+        return optax.join_schedules([first, decay(o.lr2, steps - split)], [split])
+    return optax.join_schedules([optax.linear_schedule(0.0, o.lr, warm), decay(o.lr, steps - warm)], [warm])
+
+
+def wd_schedule(o: OptimConfig, steps: int):
+    if o.schedule != "two_stage":
+        return o.weight_decay
+    split = int(o.stage2_at * steps)
+    return lambda step: jnp.where(step < split, o.weight_decay, o.weight_decay2)
+
+
+def make_optimizer(o: OptimConfig, steps: int) -> optax.GradientTransformation:
+    """AdamW (decay on matrices only, not norms or biases) after global-norm clipping."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    adamw = optax.adamw(lr_schedule(o, steps), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=wd_schedule(o, steps),
+                        mask=decay_mask)
+    return optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm else adamw
+
+
+# --- state and step --------------------------------------------------------------------------------
+
+@dataclass
+class Setup:
+    cfg: Config
+    mesh: Any
+    graphdef: Any
+    optimizer: optax.GradientTransformation
+    state_sharding: Any
+    batch_sharding: Any
+
+    def apply(self, params, tokens, **kw):
+        return nnx.merge(self.graphdef, params)(tokens, **kw)
+
+
+def setup(cfg: Config, devices=None) -> tuple[Setup, dict]:
+    """Mesh, optimizer and a freshly initialized, sharded train state {params, opt_state, step}."""
+    mesh = make_mesh(cfg.mesh, devices)
+    model_fn = lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
+    graphdef, abstract_params = nnx.split(nnx.eval_shape(model_fn))
+    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+    p_sharding = state_shardings(abstract_params, mesh)
+
+    def init():
+        params = nnx.split(model_fn())[1]
+        return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    # optimizer moments follow their parameters' sharding; let XLA place them, then pin what it chose
+    abstract_state = jax.eval_shape(init)
+    state = jax.jit(init, out_shardings={"params": p_sharding, "opt_state": None, "step": None})()
+    s_sharding = jax.tree.map(lambda a: a.sharding, state)
+    del abstract_state
+    return Setup(cfg, mesh, graphdef, optimizer, s_sharding, batch_sharding(mesh)), state
+
+
+def make_train_step(s: Setup):
+    accum = s.cfg.optim.grad_accum
+
+    def loss_fn(params, batch):
+        return cross_entropy(s.apply(params, batch[:, :-1]), batch[:, 1:])
+
+    def step(state, batch):
+        params = state["params"]
+        if accum == 1:
+            loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        else:  # average micro-batch gradients: one optimizer update per global batch
+            micro = batch.reshape(accum, batch.shape[0] // accum, batch.shape[1])
+
+            def body(carry, mb):
+                l, g = jax.value_and_grad(loss_fn)(params, mb)
+                return jax.tree.map(jnp.add, carry, (l, g)), None
+
+            zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+            (loss, grads), _ = jax.lax.scan(body, zeros, micro)
+            loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
+        updates, opt_state = s.optimizer.update(grads, state["opt_state"], params)
+        new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
+        return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    return jax.jit(step, in_shardings=(s.state_sharding, s.batch_sharding),
+                   out_shardings=(s.state_sharding, None), donate_argnums=(0,))
+
+
+def make_eval_step(s: Setup):
+    def ev(params, batch):
+        return cross_entropy(s.apply(params, batch[:, :-1]), batch[:, 1:])
+
+    return jax.jit(ev, in_shardings=(s.state_sharding["params"], s.batch_sharding))
+
+
+def make_stats_step(s: Setup):
+    """Zeros seen at each projection group's input on one batch (for per-projection sparsity)."""
+
+    def st(params, batch):
+        return s.apply(params, batch[:, :-1], return_stats=True)[1]
+
+    return jax.jit(st, in_shardings=(s.state_sharding["params"], s.batch_sharding))
+
+
+# --- FLOPs and MFU ---------------------------------------------------------------------------------
+
+PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "tpu v4": 275e12, "tpu v5 lite": 197e12,
+              "tpu v5e": 197e12, "tpu v5p": 459e12, "tpu v6": 918e12}
+
+
+def peak_flops(device) -> float | None:
+    kind = device.device_kind.lower()
+    return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+
+
+def flops_per_token(cfg: Config, sparsity: dict[str, float] | None = None) -> float:
+    """Training FLOPs per token: ``6·N`` for the matmuls plus attention ``12·L·T·H·d_h``. With
+    per-projection ``sparsity``, the forward and weight-gradient matmuls only use kept inputs
+    (``2·N_a`` each) while the input gradient stays dense under the STE (``2·N``)."""
+    m = cfg.model
+    n_proj = sum(projection_params(m).values())
+    n_head = m.dim * m.vocab_size
+    attn = 12 * m.n_layers * cfg.data.seq_len * m.n_heads * m.head_size / 2  # causal: half the scores
+    if sparsity is None:
+        return 6 * (n_proj + n_head) + attn
+    n_a = activated_params(m, sparsity)["N_a"]
+    return 4 * n_a + 2 * n_proj + 6 * n_head + attn
+
+
+# --- logging ---------------------------------------------------------------------------------------
+
+class Progress:
+    """A progress bar with ETA on a terminal; plain lines (every log step) otherwise, e.g. in CI."""
+
+    def __init__(self, total: int, start: int):
+        self.total, self.start, self.t0 = total, start, time.time()
+        self.tty = sys.stderr.isatty() and not os.environ.get("CI")
+
+    def update(self, step: int, text: str, force_line: bool = False):
+        done = step - self.start
+        rate = done / max(time.time() - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
+        if self.tty:
+            width = 24
+            fill = int(width * step / self.total)
+            sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {step}/{self.total} {text} ETA {eta_s}  ")
+            sys.stderr.flush()
+            if force_line:
+                sys.stderr.write("\n")
+        elif force_line:
+            print(f"step {step}/{self.total} {text} ETA {eta_s}", flush=True)
+
+    def close(self):
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+class MetricsLog:
+    def __init__(self, workdir: Path):
+        from tensorboardX import SummaryWriter
+
+        self.path = workdir / "metrics.jsonl"
+        self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, metrics: dict):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and v is not None and math.isfinite(v):
+                self.tb.add_scalar(k, v, step)
+            elif isinstance(v, dict):
+                for kk, vv in v.items():
+                    self.tb.add_scalar(f"{k}/{kk}", vv, step)
+        self.tb.flush()
+
+    def close(self):
+        self.tb.close()
+
+
+def sparsity_from_zeros(cfg: Config, zeros: dict, n_tokens: int) -> dict[str, float]:
+    dims = cfg.model.group_input_dims()
+    s = {g: float(zeros[g]) / (n_tokens * cfg.model.n_layers * dims[g]) for g in dims}
+    return {"qkv": s["qkv"], "out": s["out"], "up": s["gate_up"], "gate": s["gate_up"], "down": s["down"]}
+
+
+def write_config(workdir: Path, cfg: Config):
+    import yaml
+
+    tmp = workdir / "config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, workdir / "config.yaml")
+
+
+# --- the loop --------------------------------------------------------------------------------------
+
+def evaluate(eval_fn, params, batches, sharding) -> float:
+    losses = [eval_fn(params, _global_batch(b, sharding)) for b in batches]
+    return float(np.mean([float(x) for x in losses]))
+
+
+def _global_batch(local: np.ndarray, sharding) -> jax.Array:
+    """This host's rows → one global array split over the data axes (works single- and multi-host)."""
+    return jax.make_array_from_process_local_data(sharding, local)
+
+
+def train(cfg: Config, workdir: str | Path) -> dict:
+    """Train ``cfg`` in ``workdir``; returns the final metrics. Raises ConfigError / DataError /
+    TrainingError with one-line messages for user-facing failures."""
+    from .data import DataError, tokenize_corpus, train_dataset, val_batches
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    splits = tokenize_corpus(cfg.data)
+    if splits.vocab_size > cfg.model.vocab_size:
+        raise DataError(f"the tokenizer has {splits.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")
+    s, state = setup(cfg)
+    write_config(workdir, cfg)
+    batches = iter(train_dataset(splits.train, cfg.data))
+    val = val_batches(splits.val, cfg.data, cfg.train.eval_batches)
+    step_fn, eval_fn, stats_fn = make_train_step(s), make_eval_step(s), make_stats_step(s)
+    schedule = lr_schedule(cfg.optim, cfg.train.steps)
+    log = MetricsLog(workdir)
+    start = int(state["step"])
+    total = cfg.train.steps
+    progress = Progress(total, start)
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    peak = peak_flops(jax.devices()[0])
+    n_dev = jax.device_count()
+    print(f"training {total} steps on {n_dev} {jax.devices()[0].platform} device(s), mesh {dict(s.mesh.shape)}; "
+          f"{splits.n_docs[0]} train / {splits.n_docs[1]} validation documents, {len(splits.train):,} train tokens",
+          flush=True)
+    last = {"time": time.time(), "step": start}
+    metrics: dict = {}
+    try:
+        for step in range(start, total):
+            batch = _global_batch(next(batches), s.batch_sharding)
+            state, m = step_fn(state, batch)
+            loss = float(m["loss"])
+            if not math.isfinite(loss):
+                raise TrainingError(f"non-finite loss ({loss}) at step {step + 1}; stopping (lower optim.lr or "
+                                    f"set optim.clip_norm); the last saved checkpoint is untouched")
+            done = step + 1
+            if done % cfg.train.log_every == 0 or done == total:
+                now = time.time()
+                tps = (done - last["step"]) * tokens_per_step / max(now - last["time"], 1e-9)
+                last = {"time": now, "step": done}
+                sparsity = sparsity_from_zeros(cfg, stats_fn(state["params"], batch), batch.shape[0] * (batch.shape[1] - 1))
+                acct = activated_params(cfg.model, sparsity)
+                achieved = tps * flops_per_token(cfg) / n_dev
+                achieved_sparse = tps * flops_per_token(cfg, sparsity) / n_dev
+                metrics = {"loss": loss, "lr": float(schedule(step)), "grad_norm": float(m["grad_norm"]),
+                           "tokens_per_s": tps, "mfu": achieved / peak if peak else None,
+                           "mfu_sparse": achieved_sparse / peak if peak else None,
+                           "tflops_per_device": achieved / 1e12, "sparsity": {**sparsity, "overall": acct["overall"]},
+                           "activated_params": acct["N_a"]}
+                if done % cfg.train.eval_every == 0 or done == total:
+                    metrics["val_loss"] = evaluate(eval_fn, state["params"], val, s.batch_sharding)
+                    if cfg.data.tokenizer == "byte":
+                        metrics["val_bits_per_byte"] = metrics["val_loss"] / math.log(2)
+                log.write(done, metrics)
+                text = f"loss {loss:.3f}" + (f" val {metrics['val_loss']:.3f}" if "val_loss" in metrics else "")
+                progress.update(done, f"{text} {tps:,.0f} tok/s", force_line=True)
+            else:
+                progress.update(done, f"loss {loss:.3f}")
+    finally:
+        progress.close()
+        log.close()
+    return metrics
