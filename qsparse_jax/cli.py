@@ -15,15 +15,19 @@ def train_main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="train.py", description="Train a Q-Sparse / BitNet transformer.")
     p.add_argument("--config", help="YAML config (configs/*.yaml); defaults when omitted")
     p.add_argument("--workdir", required=True, help="run directory: metrics, tensorboard, checkpoints")
+    p.add_argument("--init_from", help="start from this checkpoint's parameters (continued training)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-3")
     args = p.parse_args(argv)
 
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's INFO/WARNING chatter is not for users
     from .config import ConfigError, load_config
     from .trainer import TrainingError, train
 
     try:
         cfg = load_config(args.config, args.overrides)
-        metrics = train(cfg, args.workdir)
+        metrics = train(cfg, args.workdir, init_from=args.init_from)
     except (ConfigError, TrainingError) as e:  # DataError is a ConfigError
         return _fail(str(e))
     except KeyboardInterrupt:

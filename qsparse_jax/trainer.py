@@ -66,7 +66,8 @@ def make_optimizer(o: OptimConfig, steps: int) -> optax.GradientTransformation:
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     adamw = optax.adamw(lr_schedule(o, steps), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=wd_schedule(o, steps),
                         mask=decay_mask)
-    return optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm else adamw
+    # always a chain, so the optimizer state keeps its structure (and resumes) whether clipping is on
+    return optax.chain(optax.clip_by_global_norm(o.clip_norm if o.clip_norm else float("inf")), adamw)
 
 
 # --- state and step --------------------------------------------------------------------------------
@@ -126,7 +127,7 @@ def make_train_step(s: Setup):
             loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
         updates, opt_state = s.optimizer.update(grads, state["opt_state"], params)
         new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
-        return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     return jax.jit(step, in_shardings=(s.state_sharding, s.batch_sharding),
                    out_shardings=(s.state_sharding, None), donate_argnums=(0,))
@@ -250,9 +251,30 @@ def _global_batch(local: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_process_local_data(sharding, local)
 
 
-def train(cfg: Config, workdir: str | Path) -> dict:
-    """Train ``cfg`` in ``workdir``; returns the final metrics. Raises ConfigError / DataError /
-    TrainingError with one-line messages for user-facing failures."""
+class _StopRequest:
+    """SIGTERM / SIGINT (preemption) set a flag; the loop saves a checkpoint and exits cleanly."""
+
+    def __init__(self):
+        import signal
+
+        self.signal = None
+        self._old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def restore(self):
+        import signal
+
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: Config, workdir: str | Path, init_from: str | None = None, stop_after: int | None = None) -> dict:
+    """Train ``cfg`` in ``workdir``, resuming from its latest checkpoint if there is one; returns the
+    final metrics. User-facing failures raise ConfigError / DataError / CheckpointError /
+    TrainingError with one-line messages. ``stop_after`` simulates a preemption signal after that step."""
+    from . import checkpoint as ckpt
     from .data import DataError, tokenize_corpus, train_dataset, val_batches
 
     workdir = Path(workdir)
@@ -261,8 +283,18 @@ def train(cfg: Config, workdir: str | Path) -> dict:
     if splits.vocab_size > cfg.model.vocab_size:
         raise DataError(f"the tokenizer has {splits.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")
     s, state = setup(cfg)
-    write_config(workdir, cfg)
     batches = iter(train_dataset(splits.train, cfg.data))
+    mngr = ckpt.manager(workdir / "checkpoints", cfg.checkpoint)
+    if mngr.latest_step() is not None:
+        state, data_state, saved = ckpt.restore(mngr, state)
+        if saved.get("model") != to_dict(cfg)["model"]:
+            raise ckpt.CheckpointError(f"{workdir} holds a run with a different model config; use a new --workdir")
+        batches.set_state(data_state)
+        print(f"resumed from step {int(state['step'])} in {workdir / 'checkpoints'}", flush=True)
+    elif init_from:
+        state["params"] = ckpt.restore_params(init_from, state["params"])
+        print(f"initialized parameters from {init_from}", flush=True)
+    write_config(workdir, cfg)
     val = val_batches(splits.val, cfg.data, cfg.train.eval_batches)
     step_fn, eval_fn, stats_fn = make_train_step(s), make_eval_step(s), make_stats_step(s)
     schedule = lr_schedule(cfg.optim, cfg.train.steps)
@@ -273,11 +305,20 @@ def train(cfg: Config, workdir: str | Path) -> dict:
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     peak = peak_flops(jax.devices()[0])
     n_dev = jax.device_count()
-    print(f"training {total} steps on {n_dev} {jax.devices()[0].platform} device(s), mesh {dict(s.mesh.shape)}; "
+    print(f"training steps {start}..{total} on {n_dev} {jax.devices()[0].platform} device(s), mesh {dict(s.mesh.shape)}; "
           f"{splits.n_docs[0]} train / {splits.n_docs[1]} validation documents, {len(splits.train):,} train tokens",
           flush=True)
     last = {"time": time.time(), "step": start}
     metrics: dict = {}
+    stop = _StopRequest()
+    saved_step = start
+
+    def checkpoint(step, force=False):
+        nonlocal saved_step
+        if step != saved_step or force:
+            ckpt.save(mngr, step, state, batches.get_state(), to_dict(cfg), force=True)
+            saved_step = step
+
     try:
         for step in range(start, total):
             batch = _global_batch(next(batches), s.batch_sharding)
@@ -285,7 +326,7 @@ def train(cfg: Config, workdir: str | Path) -> dict:
             loss = float(m["loss"])
             if not math.isfinite(loss):
                 raise TrainingError(f"non-finite loss ({loss}) at step {step + 1}; stopping (lower optim.lr or "
-                                    f"set optim.clip_norm); the last saved checkpoint is untouched")
+                                    f"set optim.clip_norm); the last saved checkpoint (step {saved_step}) is untouched")
             done = step + 1
             if done % cfg.train.log_every == 0 or done == total:
                 now = time.time()
@@ -309,7 +350,21 @@ def train(cfg: Config, workdir: str | Path) -> dict:
                 progress.update(done, f"{text} {tps:,.0f} tok/s", force_line=True)
             else:
                 progress.update(done, f"loss {loss:.3f}")
+            if cfg.checkpoint.every and done % cfg.checkpoint.every == 0:
+                checkpoint(done)
+            if done == stop_after:
+                stop.signal = "simulated"
+            if stop.signal is not None:
+                checkpoint(done)
+                mngr.wait_until_finished()
+                print(f"\nsignal {stop.signal}: saved a checkpoint at step {done}; resume with the same --workdir",
+                      flush=True)
+                return {**metrics, "stopped_at": done}
+        checkpoint(total)
     finally:
+        stop.restore()
         progress.close()
         log.close()
+        mngr.wait_until_finished()
+        mngr.close()
     return metrics

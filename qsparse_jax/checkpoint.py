@@ -1,0 +1,77 @@
+"""Checkpoints with orbax-checkpoint: async, sharded, atomic, keep-last-N, exact resume.
+
+A checkpoint at step N holds the train state (params, optimizer state, step), the data iterator's
+state and the resolved config. orbax writes each step into a temporary directory and renames it
+when complete, so a crash or kill during a save never damages the last complete checkpoint.
+Restoring reads every array straight into the sharding of the *current* mesh, so a run saved on one
+mesh shape resumes on another.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from .config import CheckpointConfig, ConfigError
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint directory is missing or unreadable (one line)."""
+
+
+def manager(directory: str | Path, cfg: CheckpointConfig, *, read_only: bool = False) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save,
+                                           create=not read_only, read_only=read_only)
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict, config: dict, *, force: bool = False):
+    """Start saving (async when configured); ``mngr.wait_until_finished()`` blocks until durable."""
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                                            config=ocp.args.JsonSave(config)), force=force)
+
+
+def _abstract(state):
+    """ShapeDtypeStructs carrying each array's sharding: the restore target."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+
+
+def restore(mngr: ocp.CheckpointManager, like_state, step: int | None = None):
+    """(state, data_state, config) from ``step`` (default: latest), laid out like ``like_state``."""
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"no checkpoint in {mngr.directory}")
+    try:
+        out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(like_state)),
+                                                         data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
+    except Exception as e:  # structure mismatch, corrupt files: orbax raises many types
+        raise CheckpointError(f"cannot restore step {step} from {mngr.directory} into this run's state "
+                              f"(was it written by a different model or optimizer config?): "
+                              f"{str(e).splitlines()[0][:200]}") from None
+    return out["state"], out["data"], out["config"]
+
+
+def restore_params(path: str | Path, like_params):
+    """Parameters only, from a checkpoint directory (its latest step) or a step directory (``--init_from``)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"--init_from: no such checkpoint directory: {path}")
+    step_dir = None
+    if (p / "state").is_dir():  # a single step directory
+        step_dir, p = p, p.parent
+    try:
+        mngr = ocp.CheckpointManager(p.absolute(), options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+        step = int(step_dir.name) if step_dir is not None else mngr.latest_step()
+        if step is None:
+            raise CheckpointError(f"--init_from: no checkpoint in {path}")
+        target = {"params": _abstract(like_params)}
+        out = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                         partial_restore=True)))
+    except CheckpointError:
+        raise
+    except Exception as e:  # orbax raises many types for unreadable directories
+        raise CheckpointError(f"--init_from: cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
+    return out["state"]["params"]

@@ -1,0 +1,138 @@
+"""The training system: exact resume, mesh independence, checkpoints across meshes, CLI errors."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qsparse_jax.config import load_config
+from qsparse_jax.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.hidden_dim=64", "model.max_seq_len=64",
+         "data.seq_len=32", "data.batch_size=8", "train.steps=8", "train.log_every=1", "train.eval_every=4",
+         "train.eval_batches=2", "checkpoint.every=0", "checkpoint.async_save=false", "optim.warmup_steps=2",
+         "model.sparsity.qkv=0.3", "model.sparsity.out=0.3", "model.sparsity.gate_up=0.3", "model.sparsity.down=0.3"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "self", "import", "class", "for", "in", "if", "else", "x", "y", "(", ")", ":"]
+    for i in range(24):
+        (d / f"doc{i:02d}.py").write_text(" ".join(rng.choice(words, 400)) + "\n")
+    return str(d)
+
+
+def losses(workdir):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(Path(workdir) / "metrics.jsonl"))}
+
+
+def run(corpus, workdir, *extra, **kw):
+    return train(load_config(str(ROOT / "configs/tiny.yaml"), SMALL + [f"data.source={corpus}", *extra]), workdir, **kw)
+
+
+def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_losses(corpus, tmp_path):
+    run(corpus, tmp_path / "straight")
+    stopped = run(corpus, tmp_path / "resumed", stop_after=3)
+    assert stopped["stopped_at"] == 3
+    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["3"]
+    run(corpus, tmp_path / "resumed")
+    want, got = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert set(got) == set(range(1, 9))
+    assert [got[s] for s in range(1, 9)] == [want[s] for s in range(1, 9)]  # exactly, data order included
+
+
+MESH_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from qsparse_jax.config import load_config
+    from qsparse_jax.trainer import train
+    cfg = load_config(sys.argv[1], json.loads(sys.argv[2]))
+    train(cfg, sys.argv[3], stop_after=int(sys.argv[4]) if len(sys.argv) > 4 else None)
+""")
+
+
+def run_on_8_devices(corpus, workdir, overrides, stop_after=None):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    args = [sys.executable, "-c", MESH_SCRIPT, str(ROOT / "configs/tiny.yaml"),
+            json.dumps(SMALL + [f"data.source={corpus}", "train.steps=4", *overrides]), str(workdir)]
+    out = subprocess.run(args + ([str(stop_after)] if stop_after else []), env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("mesh", [["mesh.data=1", "mesh.fsdp=8"], ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]],
+                         ids=["fsdp8", "data2-fsdp2-tensor2"])
+def test_sharded_meshes_give_the_single_device_losses(corpus, tmp_path, mesh):
+    run(corpus, tmp_path / "one", "train.steps=4")
+    run_on_8_devices(corpus, tmp_path / "eight", mesh)
+    one, eight = losses(tmp_path / "one"), losses(tmp_path / "eight")
+    np.testing.assert_allclose([eight[s] for s in range(1, 5)], [one[s] for s in range(1, 5)], atol=1e-5)
+
+
+def test_checkpoint_written_on_one_mesh_restores_on_another(corpus, tmp_path):
+    run_on_8_devices(corpus, tmp_path / "run", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], stop_after=2)
+    run(corpus, tmp_path / "run", "train.steps=4")  # this process has one device
+    straight = tmp_path / "straight"
+    run(corpus, straight, "train.steps=4")
+    np.testing.assert_allclose([losses(tmp_path / "run")[s] for s in (3, 4)], [losses(straight)[s] for s in (3, 4)],
+                               atol=1e-5)
+
+
+def test_init_from_starts_a_new_run_from_checkpoint_parameters(corpus, tmp_path):
+    run(corpus, tmp_path / "base", "train.steps=4")
+    run(corpus, tmp_path / "cont", "train.steps=2", init_from=str(tmp_path / "base" / "checkpoints"))
+    fresh = tmp_path / "fresh"
+    run(corpus, fresh, "train.steps=2")
+    assert losses(tmp_path / "cont")[1] < losses(fresh)[1]
+
+
+def cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["model.bogus=1"], "unknown config key 'model.bogus'"),
+    (["optim.lr=fast"], "optim.lr must be a float, got 'fast'"),
+    (["model.sparsity.qkv=1.2"], r"model.sparsity.qkv must be a number in [0, 1), got 1.2"),
+    (["model.sparsity.block_size=4096"], "model.sparsity.block_size=4096 must divide the qkv input size 256"),
+    (["model.sparsity.down=0.9999"], "model.sparsity.down: sparsity 0.9999 keeps no entry out of 704"),
+    (["data.source=/nonexistent/corpus"], "data.source: no such file or directory: /nonexistent/corpus"),
+    (["--init_from", "/nonexistent/ckpt"], "--init_from: no such checkpoint directory: /nonexistent/ckpt"),
+])
+def test_bad_inputs_exit_2_with_one_line(tmp_path, args, msg):
+    out = cli("--config", "configs/tiny.yaml", "--workdir", str(tmp_path / "w"), *args)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and msg in lines[0], out.stderr[-2000:]
+
+
+def test_empty_data_directory_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = cli("--config", "configs/tiny.yaml", "--workdir", str(tmp_path / "w"), f"data.source={tmp_path / 'empty'}")
+    assert out.returncode == 2 and out.stderr.strip() == f"error: data.source '{tmp_path / 'empty'}' holds no text"
+
+
+def test_unreadable_checkpoint_directory_is_an_error(tmp_path):
+    bad = tmp_path / "ckpt"
+    (bad / "7").mkdir(parents=True)
+    (bad / "7" / "garbage").write_text("not a checkpoint")
+    out = cli("--config", "configs/tiny.yaml", "--workdir", str(tmp_path / "w"), "--init_from", str(bad))
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "--init_from: " in out.stderr
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(corpus, tmp_path):
+    from qsparse_jax.trainer import TrainingError
+
+    run(corpus, tmp_path / "w", "train.steps=2")
+    with pytest.raises(TrainingError, match=r"non-finite loss \(\S+\) at step \d+") as e:
+        run(corpus, tmp_path / "w", "train.steps=40", "optim.lr=1e12", "optim.clip_norm=null", "optim.warmup_steps=0")
+    assert "\n" not in str(e.value)
+    assert sorted(os.listdir(tmp_path / "w" / "checkpoints")) == ["2"]
