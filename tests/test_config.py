@@ -1,0 +1,76 @@
+"""The config tree: YAML + dotted overrides, validation, shipped configs, schedules."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qsparse_jax.config import Config, ConfigError, OptimConfig, load_config
+from qsparse_jax.trainer import lr_schedule
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_config_loads_and_validates(path):
+    cfg = load_config(str(path))
+    assert isinstance(cfg, Config)
+
+
+def test_paper_configs_carry_the_papers_hyperparameters():
+    lrs = {"300m": 6e-4, "700m": 2.5e-4, "1.3b": 2e-4, "7b": 1.5e-4}
+    for size, lr in lrs.items():
+        dense, qs = load_config(f"configs/{size}-dense.yaml"), load_config(f"configs/{size}-qsparse.yaml")
+        assert dense.optim.lr == qs.optim.lr == lr and qs.optim.weight_decay == 0.1
+        assert (qs.optim.b1, qs.optim.b2) == (0.9, 0.95)
+        assert qs.model.keep("qkv") == int(0.7 * qs.model.dim) and not dense.model.sparsity.enabled
+        block = load_config(f"configs/{size}-block.yaml").model
+        assert block.sparsity.block_size == 32 and block.keep("down") == 16
+        bit = load_config(f"configs/{size}-bitnet-qsparse.yaml")
+        assert bit.model.weight_bits == "1.58" and bit.model.act_bits == 8 and bit.optim.schedule == "two_stage"
+        assert bit.optim.weight_decay == 0.1 and bit.optim.weight_decay2 == 0.0
+    seven = load_config("configs/7b-qsparse.yaml").model
+    assert (seven.dim, seven.hidden_dim, seven.n_heads, seven.n_layers) == (4096, 11008, 32, 32)
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config("configs/tiny.yaml", ["optim.lr=1e-3", "model.weight_bits=1.58", "model.sparsity.block_size=32",
+                                            "optim.clip_norm=null", "train.steps=7"])
+    assert cfg.optim.lr == 1e-3 and cfg.model.weight_bits == "1.58" and cfg.model.sparsity.block_size == 32
+    assert cfg.optim.clip_norm is None and cfg.train.steps == 7
+
+
+@pytest.mark.parametrize("override,msg", [
+    ("modle.dim=3", "unknown config key 'modle'"),
+    ("model.sparsity.qvk=0.1", "unknown config key 'model.sparsity.qvk'"),
+    ("train.steps=1.5", "train.steps must be an int, got 1.5"),
+    ("checkpoint.async_save=maybe", "checkpoint.async_save must be a bool, got 'maybe'"),
+    ("mesh.fsdp=-1", "at most one mesh axis may be -1"),
+    ("nokey", "must look like key=value"),
+    ("data.seq_len=4096", "data.seq_len=4096 exceeds model.max_seq_len=256"),
+    ("optim.schedule=two_stage", "optim.lr2 must be set for schedule two_stage"),
+])
+def test_bad_overrides_name_the_key(override, msg):
+    with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")) as e:
+        load_config("configs/tiny.yaml", [override])
+    assert "\n" not in str(e.value)
+
+
+def test_missing_and_malformed_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(str(tmp_path / "none.yaml"))
+    (tmp_path / "bad.yaml").write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(str(tmp_path / "bad.yaml"))
+
+
+def test_two_stage_schedule_switches_peak_and_weight_decay():
+    o = OptimConfig(lr=1.8e-3, lr2=1.5e-3, schedule="two_stage", warmup_steps=10, stage2_at=0.5, end_lr_ratio=0.1,
+                    weight_decay=0.1, weight_decay2=0.0)
+    f = lr_schedule(o, 100)
+    assert float(f(0)) == 0.0 and np.isclose(float(f(10)), 1.8e-3)
+    assert float(f(49)) < 1.8e-3 and np.isclose(float(f(50)), 1.5e-3)
+    assert np.isclose(float(f(100)), 1.5e-4, rtol=1e-3)
+    from qsparse_jax.trainer import wd_schedule
+    wd = wd_schedule(o, 100)
+    assert np.isclose(float(wd(49)), 0.1) and float(wd(50)) == 0.0
