@@ -2,6 +2,8 @@
 
 ``python -m qsparse_jax.bench topk``: a top-K-sparsified linear layer, forward + backward, against the
 same dense layer (and against a ``lax.top_k`` formulation, the obvious way to write it).
+``python -m qsparse_jax.bench step --config configs/tiny.yaml``: a full train step with the config's
+sparsity against the same model dense.
 """
 
 from __future__ import annotations
@@ -79,6 +81,39 @@ def bench_topk(args) -> int:
     return 0
 
 
+def bench_step(args) -> int:
+    """Train-step time of a config with its sparsity vs the same model dense, interleaved in one run."""
+    import numpy as np
+
+    from .config import load_config
+    from .trainer import make_train_step, setup
+
+    cfg = load_config(args.config, args.overrides)
+    dense = load_config(args.config, [*args.overrides, *(f"model.sparsity.{g}=0" for g in
+                                                          ("qkv", "out", "gate_up", "down"))])
+    batch = np.random.default_rng(0).integers(0, 256, (cfg.data.batch_size, cfg.data.seq_len + 1), dtype=np.int32)
+    fns, states = {}, {}
+    for name, c in (("dense", dense), ("q-sparse", cfg)):
+        s, state = setup(c)
+        step = make_train_step(s)
+        b = jax.device_put(batch, s.batch_sharding)
+        states[name] = [state]
+
+        def run(step=step, b=b, name=name):  # the state is donated: carry it along
+            states[name][0], m = step(states[name][0], b)
+            return m["loss"]
+
+        fns[name] = run
+    t = time_interleaved(fns, (), args.repeats)
+    sp = cfg.model.sparsity
+    print(f"train step, {args.config} {' '.join(args.overrides)} (batch {cfg.data.batch_size} x {cfg.data.seq_len}, "
+          f"sparsity qkv/out/gate_up/down {sp.qkv}/{sp.out}/{sp.gate_up}/{sp.down}); {machine()}")
+    print(f"{'variant':<18}{'median ms':>11}{'ratio to dense':>16}")
+    for name, sec in t.items():
+        print(f"{name:<18}{sec * 1e3:>11.2f}{sec / t['dense']:>16.3f}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m qsparse_jax.bench", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -91,7 +126,19 @@ def main(argv=None) -> int:
     tk.add_argument("--block-m", type=int, default=32)
     tk.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     tk.add_argument("--repeats", type=int, default=15)
+    st = sub.add_parser("step", help="train step of a config: with its sparsity vs dense")
+    st.add_argument("--config", default="configs/tiny.yaml")
+    st.add_argument("--repeats", type=int, default=10)
+    st.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
+    if args.cmd == "step":
+        from .config import ConfigError
+
+        try:
+            return bench_step(args)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     try:
         if not 0.0 < args.keep <= 1.0:
             raise ValueError(f"--keep must be in (0, 1], got {args.keep}")

@@ -22,7 +22,8 @@ from jax import lax
 
 GRADS = ("ste", "masked")
 RESCALES = ("none", "l2_preserve")
-_FLOAT_COUNT_MIN = 128
+_FLOAT_COUNT_MIN = 128  # row length from which counting in float32 is faster (see _rows_topk_mask)
+
 
 def keep_count(dim: int, sparsity: float) -> int:
     """Number of entries kept out of ``dim``: ``k = int((1 - sparsity) · dim)`` (authors' code)."""
@@ -49,8 +50,11 @@ def _bisect(count_at_least, lo, hi, steps: int):
     return lo
 
 
-def _rows_topk_mask(x: jax.Array, k: int) -> jax.Array:
-    """Exact top-k-by-magnitude mask along the last axis, lowest index first among ties."""
+def _rows_topk_mask(x: jax.Array, k: int, values_only: bool = False) -> jax.Array:
+    """Exact top-k-by-magnitude mask along the last axis, lowest index first among ties.
+
+    ``values_only``: the caller only uses ``where(mask, x, 0)``, so rows whose ties are zeros (ReLU²
+    outputs with fewer than k non-zeros) may keep all of them: same values, no tie-break pass."""
     d = x.shape[-1]
     if k >= d:
         return jnp.ones(x.shape, bool)
@@ -61,32 +65,43 @@ def _rows_topk_mask(x: jax.Array, k: int) -> jax.Array:
         count = lambda m: jnp.sum(jnp.where(m, 1.0, 0.0), axis=-1, keepdims=True)
     else:
         count = lambda m: jnp.sum(m, axis=-1, keepdims=True, dtype=jnp.int32)
-    # threshold t = k-th largest bit pattern: largest t with #(bits >= t) >= k
-    # bounds derived from `bits` so they carry its sharding (explicit-axis meshes require matching ones)
-    hi = jnp.minimum(jnp.max(bits, axis=-1, keepdims=True), 0x7F800000) + 1  # +inf at most (NaN bits are above)
-    t = _bisect(lambda t: count(bits >= t) >= k, hi * 0, hi, 31)
-    above = bits > t
-    ties = bits == t
-    need = k - count(above)
 
-    def break_ties(_):
-        # keep the first `need` ties (need >= 1 since t is the k-th largest): the last kept tie is at
-        # the largest p with #(ties & idx < p) < need
-        idx = bits * 0 + lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-        zero = hi * 0
-        cut = _bisect(lambda p: count(ties & (idx < p)) < need, zero, zero + d + 1, d.bit_length() + 1)
-        return above | (ties & (idx <= cut))
+    def select(_):
+        # threshold t = k-th largest bit pattern: largest t with #(bits >= t) >= k
+        # bounds derived from `bits` so they carry its sharding (explicit-axis meshes require matching ones)
+        hi = jnp.minimum(jnp.max(bits, axis=-1, keepdims=True), 0x7F800000) + 1  # +inf at most (NaN bits are above)
+        t = _bisect(lambda t: count(bits >= t) >= k, hi * 0, hi, 31)
+        above = bits > t
+        ties = bits == t
+        need = k - count(above)
 
-    return lax.cond(jnp.any(count(ties) > need), break_ties, lambda _: above | ties, None)
+        def break_ties(_):
+            # keep the first `need` ties (need >= 1 since t is the k-th largest): the last kept tie is
+            # at the largest p with #(ties & idx < p) < need
+            idx = bits * 0 + lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+            zero = hi * 0
+            cut = _bisect(lambda p: count(ties & (idx < p)) < need, zero, zero + d + 1, d.bit_length() + 1)
+            return above | (ties & (idx <= cut))
+
+        excess = count(ties) > need
+        if values_only:
+            excess = excess & (t > 0)
+        return lax.cond(jnp.any(excess), break_ties, lambda _: above | ties, None)
+
+    if not values_only:
+        return select(None)
+    # ReLU² inputs often have at most k non-zeros in every row: then top-K changes no value
+    nonzero = bits > 0
+    return lax.cond(jnp.all(count(nonzero) <= k), lambda _: nonzero, select, None)
 
 
-def topk_mask(x: jax.Array, k: int, *, block_size: int | None = None) -> jax.Array:
+def topk_mask(x: jax.Array, k: int, *, block_size: int | None = None, _values_only: bool = False) -> jax.Array:
     """Boolean mask ``M = Top_k(|x|)`` (Eq. 3) over the last axis, or per block of ``block_size`` (N:M)."""
     _check(x, k, block_size)
     if block_size is None:
-        return _rows_topk_mask(x, k)
+        return _rows_topk_mask(x, k, _values_only)
     blocks = x.reshape(x.shape[:-1] + (x.shape[-1] // block_size, block_size))
-    return _rows_topk_mask(blocks, k).reshape(x.shape)
+    return _rows_topk_mask(blocks, k, _values_only).reshape(x.shape)
 
 
 def _check(x, k, block_size):
@@ -99,8 +114,9 @@ def _check(x, k, block_size):
         raise ValueError(f"k must be an integer in [1, {d}] (entries kept per {'block' if block_size else 'row'}), got {k!r}")
 
 
-def _forward(x, k, block_size, rescale):
-    mask = topk_mask(x, k, block_size=block_size)
+def _forward(x, k, block_size, rescale, grad):
+    # the STE backward never looks at the mask, so zero ties need not be broken
+    mask = topk_mask(x, k, block_size=block_size, _values_only=grad == "ste")
     y = jnp.where(mask, x, jnp.zeros((), x.dtype))
     scale = None
     if rescale == "l2_preserve":
@@ -114,11 +130,11 @@ def _forward(x, k, block_size, rescale):
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
 def _topk_sparsify(x, k, block_size, rescale, grad):
-    return _forward(x, k, block_size, rescale)[0]
+    return _forward(x, k, block_size, rescale, grad)[0]
 
 
 def _topk_fwd(x, k, block_size, rescale, grad):
-    y, mask, scale = _forward(x, k, block_size, rescale)
+    y, mask, scale = _forward(x, k, block_size, rescale, grad)
     # the STE needs nothing saved; the masked gradient needs the mask (and the rescale factor)
     return y, ((mask, scale) if grad == "masked" else None)
 

@@ -182,8 +182,11 @@ class Progress:
     def __init__(self, total: int, start: int):
         self.total, self.start, self.t0 = total, start, time.time()
         self.tty = sys.stderr.isatty() and not os.environ.get("CI")
+        self.quiet = jax.process_index() != 0
 
     def update(self, step: int, text: str, force_line: bool = False):
+        if self.quiet:
+            return
         done = step - self.start
         rate = done / max(time.time() - self.t0, 1e-9)
         eta = (self.total - step) / rate if rate > 0 else float("nan")
@@ -204,13 +207,17 @@ class Progress:
 
 
 class MetricsLog:
+    """metrics.jsonl + tensorboardX, written by host 0 only."""
+
     def __init__(self, workdir: Path):
         from tensorboardX import SummaryWriter
 
         self.path = workdir / "metrics.jsonl"
-        self.tb = SummaryWriter(str(workdir / "tensorboard"))
+        self.tb = SummaryWriter(str(workdir / "tensorboard")) if jax.process_index() == 0 else None
 
     def write(self, step: int, metrics: dict):
+        if self.tb is None:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         for k, v in metrics.items():
@@ -222,7 +229,8 @@ class MetricsLog:
         self.tb.flush()
 
     def close(self):
-        self.tb.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 def sparsity_from_zeros(cfg: Config, zeros: dict, n_tokens: int) -> dict[str, float]:
@@ -234,6 +242,8 @@ def sparsity_from_zeros(cfg: Config, zeros: dict, n_tokens: int) -> dict[str, fl
 def write_config(workdir: Path, cfg: Config):
     import yaml
 
+    if jax.process_index() != 0:
+        return
     tmp = workdir / "config.yaml.tmp"
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     os.replace(tmp, workdir / "config.yaml")

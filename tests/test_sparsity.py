@@ -144,3 +144,16 @@ def test_works_when_feature_axis_is_sharded():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@given(seed=st.integers(0, 2**16), d=st.integers(2, 64), zero_frac=st.sampled_from([0.3, 0.6, 0.9]),
+       frac=st.floats(0.05, 1.0))
+def test_relu_like_inputs_with_many_zeros_give_the_exact_top_k_values(seed, d, zero_frac, frac):
+    """The STE forward skips breaking ties among zeros (same values); the masked path stays exact."""
+    rng = np.random.default_rng(seed)
+    x = np.where(rng.random((6, d)) < zero_frac, 0.0, rng.normal(size=(6, d)) ** 2).astype(np.float32)
+    k = max(1, int(frac * d))
+    want = np.where(reference_mask(x, k), x, 0)
+    np.testing.assert_array_equal(topk_sparsify(jnp.asarray(x), k), want)
+    np.testing.assert_array_equal(topk_sparsify(jnp.asarray(x), k, grad="masked"), want)
+    assert (np.asarray(topk_mask(jnp.asarray(x), k)).sum(-1) == k).all()

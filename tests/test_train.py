@@ -136,3 +136,29 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(corpus, 
         run(corpus, tmp_path / "w", "train.steps=40", "optim.lr=1e12", "optim.clip_norm=null", "optim.warmup_steps=0")
     assert "\n" not in str(e.value)
     assert sorted(os.listdir(tmp_path / "w" / "checkpoints")) == ["2"]
+
+
+def test_two_processes_with_jax_distributed_match_one_process(corpus, tmp_path):
+    """Multi-host: two local processes (one CPU device each) joined by jax.distributed on 127.0.0.1
+    train on a 2-device mesh, each feeding its half of every global batch."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = ["--config", "configs/tiny.yaml", "--workdir", str(tmp_path / "multi"), "--distributed",
+            *SMALL, f"data.source={corpus}", "train.steps=3", "checkpoint.every=2"]
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID=str(pid))
+        env.pop("XLA_FLAGS", None)
+        procs.append(subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    run(corpus, tmp_path / "single", "train.steps=3")
+    multi, single = losses(tmp_path / "multi"), losses(tmp_path / "single")
+    np.testing.assert_allclose([multi[s] for s in (1, 2, 3)], [single[s] for s in (1, 2, 3)], atol=1e-5)
+    assert sorted(os.listdir(tmp_path / "multi" / "checkpoints")) == ["2", "3"]
