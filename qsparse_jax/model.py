@@ -125,9 +125,14 @@ def measure_sparsity(model_or_apply, params_or_tokens, tokens=None, **kw) -> dic
         apply, params = model_or_apply, params_or_tokens
     config = apply.config
     _, zeros = jax.jit(lambda p, t: apply(p, t, return_stats=True, **kw))(params, tokens)
-    n_tok = tokens.size * config.n_layers
-    dims = config.group_input_dims()
-    s = {g: float(zeros[g]) / (n_tok * dims[g]) for g in PROJECTION_GROUPS}
-    per_proj = {"qkv": s["qkv"], "out": s["out"], "up": s["gate_up"], "gate": s["gate_up"], "down": s["down"]}
+    per_proj = sparsity_from_zeros(config, zeros, tokens.size)
     return {**per_proj, **activated_params(config, per_proj)}
+
+
+def sparsity_from_zeros(config: ModelConfig, zeros: dict, n_tokens: int) -> dict[str, float]:
+    """Per-projection sparsity (QKV, Out, Up, Gate, Down) from the zero counts the model returns with
+    ``return_stats=True`` for ``n_tokens`` tokens; gate and up share their input."""
+    dims = config.group_input_dims()
+    s = {g: float(zeros[g]) / (n_tokens * config.n_layers * dims[g]) for g in PROJECTION_GROUPS}
+    return {"qkv": s["qkv"], "out": s["out"], "up": s["gate_up"], "gate": s["gate_up"], "down": s["down"]}
 

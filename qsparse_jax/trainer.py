@@ -14,7 +14,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ import optax
 from flax import nnx
 
 from .config import Config, OptimConfig, to_dict
-from .model import Transformer, activated_params, cross_entropy, projection_params
+from .model import Transformer, activated_params, cross_entropy, projection_params, sparsity_from_zeros
 from .sharding import batch_sharding, make_mesh, state_shardings
 
 
@@ -98,10 +97,8 @@ def setup(cfg: Config, devices=None) -> tuple[Setup, dict]:
         return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
 
     # optimizer moments follow their parameters' sharding; let XLA place them, then pin what it chose
-    abstract_state = jax.eval_shape(init)
     state = jax.jit(init, out_shardings={"params": p_sharding, "opt_state": None, "step": None})()
     s_sharding = jax.tree.map(lambda a: a.sharding, state)
-    del abstract_state
     return Setup(cfg, mesh, graphdef, optimizer, s_sharding, batch_sharding(mesh)), state
 
 
@@ -233,12 +230,6 @@ class MetricsLog:
             self.tb.close()
 
 
-def sparsity_from_zeros(cfg: Config, zeros: dict, n_tokens: int) -> dict[str, float]:
-    dims = cfg.model.group_input_dims()
-    s = {g: float(zeros[g]) / (n_tokens * cfg.model.n_layers * dims[g]) for g in dims}
-    return {"qkv": s["qkv"], "out": s["out"], "up": s["gate_up"], "gate": s["gate_up"], "down": s["down"]}
-
-
 def write_config(workdir: Path, cfg: Config):
     import yaml
 
@@ -342,7 +333,7 @@ def train(cfg: Config, workdir: str | Path, init_from: str | None = None, stop_a
                 now = time.time()
                 tps = (done - last["step"]) * tokens_per_step / max(now - last["time"], 1e-9)
                 last = {"time": now, "step": done}
-                sparsity = sparsity_from_zeros(cfg, stats_fn(state["params"], batch), batch.shape[0] * (batch.shape[1] - 1))
+                sparsity = sparsity_from_zeros(cfg.model, stats_fn(state["params"], batch), batch.shape[0] * (batch.shape[1] - 1))
                 acct = activated_params(cfg.model, sparsity)
                 achieved = tps * flops_per_token(cfg) / n_dev
                 achieved_sparse = tps * flops_per_token(cfg, sparsity) / n_dev
