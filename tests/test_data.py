@@ -91,3 +91,16 @@ def test_too_little_text_for_a_batch_is_an_error():
         train_dataset(np.arange(50, dtype=np.int32), DataConfig(seq_len=16, batch_size=8))
     with pytest.raises(DataError, match="validation split has 3 windows"):
         val_batches(np.arange(50, dtype=np.int32), DataConfig(seq_len=16, batch_size=8), 2)
+
+
+def test_arrayrecord_source(tmp_path):
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    path = tmp_path / "docs.arrayrecord"
+    writer = ArrayRecordWriter(str(path), "group_size:1")
+    for i in range(8):
+        writer.write(json.dumps({"text": f"record {i} " * 30}).encode())
+    writer.write(b"raw utf-8 text record")
+    writer.close()
+    docs = list(iter_documents(DataConfig(source=str(path))))
+    assert len(docs) == 9 and docs[0][1].startswith("record 0") and docs[8][1] == "raw utf-8 text record"

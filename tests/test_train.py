@@ -162,3 +162,44 @@ def test_two_processes_with_jax_distributed_match_one_process(corpus, tmp_path):
     multi, single = losses(tmp_path / "multi"), losses(tmp_path / "single")
     np.testing.assert_allclose([multi[s] for s in (1, 2, 3)], [single[s] for s in (1, 2, 3)], atol=1e-5)
     assert sorted(os.listdir(tmp_path / "multi" / "checkpoints")) == ["2", "3"]
+
+
+def _start_training(corpus, workdir, *extra):
+    args = ["--config", "configs/tiny.yaml", "--workdir", str(workdir), *SMALL, f"data.source={corpus}",
+            "train.steps=100000", *extra]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(proc, step: int):
+    for line in proc.stdout:
+        if line.startswith(f"step {step}/"):
+            return
+    raise AssertionError(proc.stderr.read()[-3000:])
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_0(corpus, tmp_path):
+    import signal
+
+    proc = _start_training(corpus, tmp_path / "w")
+    _wait_for_step(proc, 3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    saved = [int(d) for d in os.listdir(tmp_path / "w" / "checkpoints") if d.isdigit()]
+    assert len(saved) == 1 and saved[0] >= 3 and "saved a checkpoint" in out
+
+
+def test_a_kill_during_saves_never_damages_the_last_complete_checkpoint(corpus, tmp_path):
+    import signal
+
+    proc = _start_training(corpus, tmp_path / "w", "checkpoint.every=1", "checkpoint.async_save=true",
+                           "checkpoint.keep=2")
+    _wait_for_step(proc, 6)
+    proc.send_signal(signal.SIGKILL)  # no handler, mid-run: likely mid-save
+    proc.communicate(timeout=60)
+    # the run resumes from its latest complete checkpoint and goes on
+    resumed = run(corpus, tmp_path / "w", "train.steps=12", "checkpoint.every=1", "checkpoint.keep=2")
+    assert resumed["loss"] > 0
+    assert sorted(int(d) for d in os.listdir(tmp_path / "w" / "checkpoints") if d.isdigit()) == [11, 12]
