@@ -203,3 +203,23 @@ def test_a_kill_during_saves_never_damages_the_last_complete_checkpoint(corpus, 
     resumed = run(corpus, tmp_path / "w", "train.steps=12", "checkpoint.every=1", "checkpoint.keep=2")
     assert resumed["loss"] > 0
     assert sorted(int(d) for d in os.listdir(tmp_path / "w" / "checkpoints") if d.isdigit()) == [11, 12]
+
+
+def test_gradient_accumulation_matches_the_full_batch(corpus, tmp_path):
+    run(corpus, tmp_path / "full", "train.steps=3")
+    run(corpus, tmp_path / "accum", "train.steps=3", "optim.grad_accum=4")
+    full, accum = losses(tmp_path / "full"), losses(tmp_path / "accum")
+    np.testing.assert_allclose([accum[s] for s in (1, 2, 3)], [full[s] for s in (1, 2, 3)], rtol=1e-5)
+
+
+def test_metrics_and_tensorboard_are_written(corpus, tmp_path):
+    run(corpus, tmp_path / "w", "train.steps=4")
+    rows = [json.loads(line) for line in open(tmp_path / "w" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mfu_sparse", "sparsity", "activated_params"):
+        assert key in rows[-1]
+    assert set(rows[-1]["sparsity"]) == {"qkv", "out", "up", "gate", "down", "overall"}
+    assert rows[-1]["sparsity"]["qkv"] == pytest.approx(1 - int(0.7 * 32) / 32)
+    assert "val_loss" in rows[3] and "val_bits_per_byte" in rows[3]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "w" / "tensorboard"))
+    assert (tmp_path / "w" / "config.yaml").exists()
