@@ -78,6 +78,7 @@ class ModelConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2
+    sliding_window: int | None = None  # Mistral: a query sees the last `sliding_window` positions
     subln: bool = False  # BitNet: RMSNorm before o_proj and before down_proj
     input_norm: bool = False  # BitLinear: parameter-free RMSNorm of every projection input
     act_bits: int | None = None  # 8: per-token absmax int8 activations (Eq. 5–7)
@@ -107,6 +108,8 @@ class ModelConfig:
         _require(self.act_bits in (None, 8), f"model.act_bits must be null or 8, got {self.act_bits!r}")
         _require(self.weight_bits is None or self.weight_bits in WEIGHT_BITS,
                  f"model.weight_bits must be null or one of {WEIGHT_BITS}, got {self.weight_bits!r}")
+        _require(self.sliding_window is None or self.sliding_window >= 1,
+                 f"model.sliding_window must be a positive integer or null, got {self.sliding_window!r}")
         for name in ("dtype", "param_dtype"):
             _require(getattr(self, name) in DTYPES, f"model.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
         for name in ("norm_eps", "rope_theta", "init_std"):

@@ -113,6 +113,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.head_size
         self.theta = cfg.rope_theta
+        self.window = cfg.sliding_window
         q_out, kv_out = self.n_heads * self.hd, self.n_kv * self.hd
         lin = lambda i, o, keep, axes, bias=False: SparseLinear(i, o, keep=keep, cfg=cfg, axes=axes, use_bias=bias, rngs=rngs)
         self.wq = lin(cfg.dim, q_out, cfg.keep("qkv"), ("embed", "heads"), cfg.qkv_bias)
@@ -131,7 +132,10 @@ class Attention(nnx.Module):
         rep = self.n_heads // self.n_kv
         q = q.reshape(b, s, self.n_kv, rep, self.hd)
         scores = jnp.einsum("bqgrd,bkgd->bgrqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(self.hd).astype(jnp.float32)
-        mask = positions[:, :, None] >= positions[:, None, :]  # causal, by position
+        delta = positions[:, :, None] - positions[:, None, :]
+        mask = delta >= 0  # causal, by position
+        if self.window is not None:
+            mask = mask & (delta < self.window)
         if segment_ids is not None:  # packed sequences never attend across documents
             mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
