@@ -88,3 +88,54 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
         load_pretrained(tmp_path / "hf")
     with pytest.raises(HFError, match="no config.json in"):
         load_pretrained(tmp_path / "nowhere")
+
+
+def test_import_continue_train_with_q_sparse_export_and_reload(tmp_path):
+    """End to end: HF model -> import-hf -> continued training with top-K (keep 60 %) -> export-hf ->
+    transformers loads the result and matches our logits."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cfg_cls, model_cls, _ = KINDS["llama"]
+    torch.manual_seed(1)
+    model_cls(cfg_cls(**{**SMALL, "vocab_size": 256})).float().save_pretrained(tmp_path / "hf")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(8):
+        (corpus / f"{i}.txt").write_text(f"continued training document {i} " * 40)
+
+    def py(*args):
+        out = subprocess.run([sys.executable, *args], cwd=root, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out
+
+    py("-m", "qsparse_jax.convert", "import-hf", str(tmp_path / "hf"), str(tmp_path / "imported"))
+    keep60 = [f"model.sparsity.{g}=0.4" for g in ("qkv", "out", "gate_up", "down")]
+    py("train.py", "--config", str(tmp_path / "imported" / "config.yaml"), "--workdir", str(tmp_path / "run"),
+       "--init_from", str(tmp_path / "imported" / "checkpoints"), f"data.source={corpus}", "data.seq_len=32",
+       "data.batch_size=4", "train.steps=3", "train.log_every=1", "train.eval_every=3", "train.eval_batches=1",
+       "optim.lr=1e-3", "optim.warmup_steps=0", *keep60)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert rows[-1]["sparsity"]["qkv"] == pytest.approx(1 - int(0.6 * 64) / 64)
+    py("-m", "qsparse_jax.convert", "export-hf", str(tmp_path / "run" / "checkpoints"), str(tmp_path / "out"))
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").float()
+    ours = load_pretrained(tmp_path / "out")
+    tokens = np.random.default_rng(1).integers(0, 256, (2, 9))
+    np.testing.assert_allclose(hf_logits(exported.eval(), tokens), np.asarray(ours(jnp.asarray(tokens))), atol=1e-4)
+    original = load_pretrained(tmp_path / "hf")
+    assert not np.allclose(np.asarray(original.embed[...]), np.asarray(ours.embed[...]))  # it was trained
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["import-hf", "/no/such/model", "W"], "error: no config.json in /no/such/model"),
+    (["export-hf", "/no/such/ckpt", "D"], "error: no such checkpoint directory: /no/such/ckpt"),
+])
+def test_convert_cli_errors_are_one_line(tmp_path, args, msg):
+    import subprocess
+    import sys
+
+    args = [a if a not in ("W", "D") else str(tmp_path / a) for a in args]
+    out = subprocess.run([sys.executable, "-m", "qsparse_jax.convert", *args], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip() == msg

@@ -1,0 +1,116 @@
+"""Checkpoint conversion between Hugging Face directories and our orbax checkpoints.
+
+``python -m qsparse_jax.convert import-hf SRC WORKDIR``: an HF Llama / Mistral / Qwen2 directory →
+``WORKDIR/checkpoints/0`` (parameters) plus ``WORKDIR/config.yaml`` (the model's config, and the
+model's ``tokenizer.json`` as data.tokenizer when it has one). Continue training it with
+``train.py --config WORKDIR/config.yaml --init_from WORKDIR/checkpoints --workdir RUN model.sparsity.qkv=0.4 ...``.
+
+``python -m qsparse_jax.convert export-hf CKPT DST``: a training run's checkpoint directory (or one
+step of it) → an HF directory ``transformers`` loads (dense float32 weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import sys
+from pathlib import Path
+
+from flax import nnx
+
+from .config import Config, ConfigError, DataConfig, from_dict, to_dict
+from .model import Transformer
+
+
+def import_hf(src: str, workdir: str) -> Path:
+    from . import checkpoint as ckpt
+    from .hf import load_pretrained
+    from .trainer import write_config
+
+    model = load_pretrained(src)
+    out = Path(workdir)
+    ckpt_dir = out / "checkpoints"
+    if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+        raise ConfigError(f"{ckpt_dir} already holds checkpoints; choose an empty WORKDIR")
+    out.mkdir(parents=True, exist_ok=True)
+    data = DataConfig(seq_len=min(DataConfig.seq_len, model.config.max_seq_len))
+    if (Path(src) / "tokenizer.json").is_file():
+        shutil.copy(Path(src) / "tokenizer.json", out / "tokenizer.json")
+        data = dataclasses.replace(data, tokenizer=str((out / "tokenizer.json").absolute()))
+    cfg = Config(model=model.config, data=data)
+    _, params = nnx.split(model)
+    mngr = ckpt.manager(ckpt_dir, cfg.checkpoint)
+    ckpt.save(mngr, 0, {"params": params}, {}, to_dict(cfg), force=True)
+    mngr.wait_until_finished()
+    mngr.close()
+    write_config(out, cfg)
+    return ckpt_dir
+
+
+def export_hf(ckpt_path: str, dst: str, model_type: str | None = None) -> Path:
+    import orbax.checkpoint as ocp
+
+    from . import checkpoint as ckpt
+    from .hf import save_pretrained
+
+    p = Path(ckpt_path)
+    root = p.parent if (p / "state").is_dir() else p
+    if not root.is_dir():
+        raise ckpt.CheckpointError(f"no such checkpoint directory: {ckpt_path}")
+    try:
+        mngr = ocp.CheckpointManager(root.absolute(), options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+        step = int(p.name) if p != root else mngr.latest_step()
+        if step is None:
+            raise ckpt.CheckpointError(f"no checkpoint in {ckpt_path}")
+        saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    except ckpt.CheckpointError:
+        raise
+    except Exception as e:
+        raise ckpt.CheckpointError(f"cannot read checkpoint {ckpt_path}: {str(e).splitlines()[0][:200]}") from None
+    cfg = from_dict(Config, saved)
+    abstract = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
+    graphdef, like = nnx.split(abstract)
+    like = jax_zeros_like(like)
+    params = ckpt.restore_params(str(root / str(step)), like)
+    model = nnx.merge(graphdef, params)
+    save_pretrained(model, dst, model_type=model_type)
+    return Path(dst)
+
+
+def jax_zeros_like(state):
+    """Concrete single-device arrays shaped like an abstract state (restore targets need shardings)."""
+    import jax
+    import jax.numpy as jnp
+
+    return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), state)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m qsparse_jax.convert", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    imp = sub.add_parser("import-hf", help="HF directory -> orbax checkpoint + config.yaml")
+    imp.add_argument("src")
+    imp.add_argument("workdir")
+    exp = sub.add_parser("export-hf", help="orbax checkpoint -> HF directory")
+    exp.add_argument("ckpt")
+    exp.add_argument("dst")
+    exp.add_argument("--model-type", choices=["llama", "mistral", "qwen2"], default=None)
+    args = p.parse_args(argv)
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        if args.cmd == "import-hf":
+            out = import_hf(args.src, args.workdir)
+        else:
+            out = export_hf(args.ckpt, args.dst, args.model_type)
+    except ConfigError as e:  # HFError and CheckpointError are ConfigErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
