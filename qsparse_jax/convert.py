@@ -48,11 +48,11 @@ def import_hf(src: str, workdir: str) -> Path:
     return ckpt_dir
 
 
-def export_hf(ckpt_path: str, dst: str, model_type: str | None = None) -> Path:
+def load_checkpoint_model(ckpt_path: str):
+    """(config, params, graphdef) of a training checkpoint directory (latest step) or one step of it."""
     import orbax.checkpoint as ocp
 
     from . import checkpoint as ckpt
-    from .hf import save_pretrained
 
     p = Path(ckpt_path)
     root = p.parent if (p / "state").is_dir() else p
@@ -69,12 +69,16 @@ def export_hf(ckpt_path: str, dst: str, model_type: str | None = None) -> Path:
     except Exception as e:
         raise ckpt.CheckpointError(f"cannot read checkpoint {ckpt_path}: {str(e).splitlines()[0][:200]}") from None
     cfg = from_dict(Config, saved)
-    abstract = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
-    graphdef, like = nnx.split(abstract)
-    like = jax_zeros_like(like)
-    params = ckpt.restore_params(str(root / str(step)), like)
-    model = nnx.merge(graphdef, params)
-    save_pretrained(model, dst, model_type=model_type)
+    graphdef, like = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
+    params = ckpt.restore_params(str(root / str(step)), jax_zeros_like(like))
+    return cfg, params, graphdef
+
+
+def export_hf(ckpt_path: str, dst: str, model_type: str | None = None) -> Path:
+    from .hf import save_pretrained
+
+    _, params, graphdef = load_checkpoint_model(ckpt_path)
+    save_pretrained(nnx.merge(graphdef, params), dst, model_type=model_type)
     return Path(dst)
 
 

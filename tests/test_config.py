@@ -74,3 +74,15 @@ def test_two_stage_schedule_switches_peak_and_weight_decay():
     from qsparse_jax.trainer import wd_schedule
     wd = wd_schedule(o, 100)
     assert np.isclose(float(wd(49)), 0.1) and float(wd(50)) == 0.0
+
+
+def test_mistral_continued_training_config_reproduces_the_papers_activated_parameters():
+    from qsparse_jax.model import activated_params
+
+    cfg = load_config("configs/mistral-7b-continued-qsparse.yaml")
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.clip_norm, cfg.optim.warmup_steps) == (5e-5, 0.01, 2.0, 375)
+    assert np.isclose(cfg.optim.lr * cfg.optim.end_lr_ratio, 1e-6)
+    assert cfg.data.batch_size * cfg.data.seq_len == 4 * 2**20  # 4M tokens per batch
+    sp = cfg.model.sparsity
+    r = activated_params(cfg.model, {"qkv": sp.qkv, "out": sp.out, "up": sp.gate_up, "gate": sp.gate_up, "down": sp.down})
+    assert abs(r["overall"] - 0.457) < 5e-4 and abs(r["N_a"] / 1e9 - 3.8) < 0.05
