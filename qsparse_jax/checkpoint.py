@@ -53,25 +53,37 @@ def restore(mngr: ocp.CheckpointManager, like_state, step: int | None = None):
     return out["state"], out["data"], out["config"]
 
 
-def restore_params(path: str | Path, like_params):
-    """Parameters only, from a checkpoint directory (its latest step) or a step directory (``--init_from``)."""
+def _read(path: str | Path, what: str, read):
+    """Open a checkpoint directory (its latest step) or one step directory of it read-only and return
+    ``read(manager, step)``; every failure is a one-line CheckpointError starting with ``what``."""
     p = Path(path)
     if not p.is_dir():
-        raise CheckpointError(f"--init_from: no such checkpoint directory: {path}")
-    step_dir = None
-    if (p / "state").is_dir():  # a single step directory
-        step_dir, p = p, p.parent
+        raise CheckpointError(f"{what}no such checkpoint directory: {path}")
+    root, step = (p.parent, int(p.name)) if (p / "state").is_dir() and p.name.isdigit() else (p, None)
     try:
-        mngr = ocp.CheckpointManager(p.absolute(), options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-        step = int(step_dir.name) if step_dir is not None else mngr.latest_step()
+        mngr = ocp.CheckpointManager(root.absolute(), options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+        step = mngr.latest_step() if step is None else step
         if step is None:
-            raise CheckpointError(f"--init_from: no checkpoint in {path}")
-        target = {"params": _abstract(like_params)}
-        out = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                         partial_restore=True)))
+            raise CheckpointError(f"{what}no checkpoint in {path}")
+        return read(mngr, step)
     except CheckpointError:
         raise
     except Exception as e:  # orbax raises many types for unreadable directories
-        raise CheckpointError(f"--init_from: cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
-    return out["state"]["params"]
+        raise CheckpointError(f"{what}cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
+
+
+def restore_params(path: str | Path, like_params, what: str = "--init_from: "):
+    """Parameters only, from a checkpoint directory (its latest step) or a step directory (``--init_from``)."""
+    target = {"params": _abstract(like_params)}
+    args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+    return _read(path, what, lambda mngr, step: mngr.restore(step, args=args)["state"]["params"])
+
+
+def read_config(path: str | Path, what: str = "") -> tuple[dict, Path]:
+    """The resolved config saved with a checkpoint, and the step directory it came from."""
+    def read(mngr, step):
+        config = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        return config, Path(mngr.directory) / str(step)
+
+    return _read(path, what, read)

@@ -50,28 +50,12 @@ def import_hf(src: str, workdir: str) -> Path:
 
 def load_checkpoint_model(ckpt_path: str):
     """(config, params, graphdef) of a training checkpoint directory (latest step) or one step of it."""
-    import orbax.checkpoint as ocp
-
     from . import checkpoint as ckpt
 
-    p = Path(ckpt_path)
-    root = p.parent if (p / "state").is_dir() else p
-    if not root.is_dir():
-        raise ckpt.CheckpointError(f"no such checkpoint directory: {ckpt_path}")
-    try:
-        mngr = ocp.CheckpointManager(root.absolute(), options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-        step = int(p.name) if p != root else mngr.latest_step()
-        if step is None:
-            raise ckpt.CheckpointError(f"no checkpoint in {ckpt_path}")
-        saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    except ckpt.CheckpointError:
-        raise
-    except Exception as e:
-        raise ckpt.CheckpointError(f"cannot read checkpoint {ckpt_path}: {str(e).splitlines()[0][:200]}") from None
+    saved, step_dir = ckpt.read_config(ckpt_path)
     cfg = from_dict(Config, saved)
     graphdef, like = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
-    params = ckpt.restore_params(str(root / str(step)), jax_zeros_like(like))
-    return cfg, params, graphdef
+    return cfg, ckpt.restore_params(step_dir, jax_zeros_like(like), what=""), graphdef
 
 
 def export_hf(ckpt_path: str, dst: str, model_type: str | None = None) -> Path:
