@@ -61,6 +61,42 @@ class SparsityConfig:
         return any(getattr(self, g) > 0 for g in PROJECTION_GROUPS)
 
 
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling for long-context checkpoints, as HF ``rope_parameters`` define it.
+
+    ``linear``: ``inv_freq / factor``; ``llama3``: Llama 3.1's wavelength-banded interpolation
+    (``factor``, ``low_freq_factor``, ``high_freq_factor``, ``original_max_position_embeddings``);
+    ``yarn``: YaRN's ramp between interpolation and extrapolation (``beta_fast``, ``beta_slow``) with
+    cos/sin scaled by ``attention_factor`` (default ``0.1·ln(factor) + 1``, or the mscale ratio).
+    ``original_max_position_embeddings`` null means the model's ``max_seq_len``.
+    """
+
+    type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self):
+        _require(self.type in ROPE_TYPES, f"model.rope_scaling.type must be one of {ROPE_TYPES}, got {self.type!r}")
+        _require(self.factor > 0, f"model.rope_scaling.factor must be positive, got {self.factor!r}")
+        _require(self.type != "llama3" or self.high_freq_factor > self.low_freq_factor > 0,
+                 "model.rope_scaling: llama3 needs high_freq_factor > low_freq_factor > 0, got "
+                 f"{self.high_freq_factor}, {self.low_freq_factor}")
+        om = self.original_max_position_embeddings
+        _require(om is None or om >= 1, f"model.rope_scaling.original_max_position_embeddings must be positive, got {om!r}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Llama-style decoder with Q-Sparse / BitNet options (defaults: a tiny byte-level model)."""
@@ -75,6 +111,7 @@ class ModelConfig:
     activation: str = "relu2"  # Q-Sparse default; "silu" for imported Llama/Mistral/Qwen
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2
@@ -91,6 +128,8 @@ class ModelConfig:
     def __post_init__(self):
         if isinstance(self.sparsity, dict):  # allow ModelConfig(sparsity={...})
             object.__setattr__(self, "sparsity", SparsityConfig(**self.sparsity))
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim", "max_seq_len"):
             v = getattr(self, name)
             _require(isinstance(v, int) and not isinstance(v, bool) and v >= 1,

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .config import ConfigError, ModelConfig
+from .config import ROPE_TYPES, ConfigError, ModelConfig, RopeScaling
 from .model import Transformer
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -35,10 +35,8 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
         raise HFError(f"unsupported model_type {mtype!r}; supported: {', '.join(SUPPORTED)}")
     # transformers >= 5 writes rope_parameters; older configs rope_theta (+ rope_scaling)
     rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise HFError(f"RoPE type {rope_type!r} is not supported yet (only unscaled 'default' RoPE)")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = _rope_scaling(rope, hf)
     if hf.get("hidden_act", "silu") != "silu":
         raise HFError(f"unsupported hidden_act {hf.get('hidden_act')!r}; supported: silu")
     heads = hf["num_attention_heads"]
@@ -48,9 +46,46 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
               hidden_dim=hf["intermediate_size"], activation="silu", norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
               rope_theta=float(theta), max_seq_len=hf.get("max_position_embeddings", 2048),
               tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=mtype == "qwen2",
-              sliding_window=window)
+              sliding_window=window, rope_scaling=scaling)
     kw.update(overrides)
     return ModelConfig(**kw)
+
+
+_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings", "beta_fast",
+              "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")
+
+
+def _rope_scaling(rope: dict, hf: dict) -> RopeScaling:
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise HFError(f"RoPE type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0 or hf.get("partial_rotary_factor", 1.0) != 1.0:
+        raise HFError("partial_rotary_factor != 1 is not supported (RoPE rotates the whole head here)")
+    kw = {k: rope[k] for k in _ROPE_KEYS if rope.get(k) is not None}
+    if kind in ("llama3", "yarn"):  # transformers falls back to max_position_embeddings
+        kw.setdefault("original_max_position_embeddings",
+                      hf.get("original_max_position_embeddings", hf.get("max_position_embeddings", 2048)))
+    if kind == "yarn" and "factor" not in kw:
+        kw["factor"] = hf.get("max_position_embeddings", 2048) / kw["original_max_position_embeddings"]
+    try:
+        return RopeScaling(type=kind, **kw)
+    except (ConfigError, TypeError) as e:
+        raise HFError(f"rope_parameters: {e}") from None
+
+
+def _rope_parameters(c: ModelConfig) -> dict:
+    r = c.rope_scaling
+    out = {"rope_type": r.type, "rope_theta": c.rope_theta}
+    if r.type != "default":
+        out["factor"] = r.factor
+    if r.type == "llama3":
+        out.update(low_freq_factor=r.low_freq_factor, high_freq_factor=r.high_freq_factor)
+    if r.type == "yarn":
+        out.update(beta_fast=r.beta_fast, beta_slow=r.beta_slow, truncate=r.truncate,
+                   **{k: getattr(r, k) for k in ("attention_factor", "mscale", "mscale_all_dim") if getattr(r, k) is not None})
+    if r.type in ("llama3", "yarn"):
+        out["original_max_position_embeddings"] = r.original_max_position_embeddings or c.max_seq_len
+    return out
 
 
 def hf_names(cfg: ModelConfig) -> dict[tuple, tuple[str, bool]]:
@@ -165,7 +200,7 @@ def hf_config(model: Transformer, model_type: str | None = None) -> dict:
            "intermediate_size": c.hidden_dim, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
            "num_key_value_heads": c.kv_heads, "head_dim": c.head_size, "hidden_act": "silu",
            "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
-           "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+           "rope_parameters": _rope_parameters(c),
            "tie_word_embeddings": c.tie_embeddings, "torch_dtype": "float32"}
     if mtype == "mistral":
         out["sliding_window"] = c.sliding_window

@@ -6,11 +6,14 @@ those names onto mesh axes, so no layer mentions a mesh.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from .config import ModelConfig
+from .config import ModelConfig, RopeScaling
 from .quant import quantize_activations, quantize_weights
 from .sparsity import topk_sparsify
 
@@ -37,16 +40,59 @@ class RMSNorm(nnx.Module):
         return rms_norm(x, self.eps, self.weight[...])
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, HF half-split layout: ``x·cos + rotate_half(x)·sin``.
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling, max_seq_len: int) -> tuple[np.ndarray, float]:
+    """Inverse frequencies ``θ^(−2i/d)`` (RoFormer) and the cos/sin scale, after ``scaling``.
 
-    x: [batch, seq, heads, head_dim]; positions: [batch, seq] (int).
+    Transcribed from transformers' ``modeling_rope_utils`` (linear, llama3, yarn), float32 like it.
     """
-    hd = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, s, hd/2]
+    inv_freq = 1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
+    kind, factor = scaling.type, scaling.factor
+    original = scaling.original_max_position_embeddings or max_seq_len
+    if kind == "linear":
+        return (inv_freq / factor).astype(np.float32), 1.0
+    if kind == "llama3":  # Llama 3.1: long wavelengths interpolated, short kept, a smooth band between
+        lo_wavelen, hi_wavelen = original / scaling.low_freq_factor, original / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > lo_wavelen, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < hi_wavelen) & ~(wavelen > lo_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
+    if kind == "yarn":  # YaRN (Peng et al. 2023): ramp from extrapolated (fast) to interpolated (slow) dims
+        def mscale(s, m=1.0):
+            return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+
+        att = scaling.attention_factor
+        if att is None:
+            att = (mscale(factor, scaling.mscale) / mscale(factor, scaling.mscale_all_dim)
+                   if scaling.mscale and scaling.mscale_all_dim else mscale(factor))
+
+        def correction_dim(rotations):
+            return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+        if scaling.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+        extrapolate = 1 - ramp
+        inv = (inv_freq / factor) * (1 - extrapolate) + inv_freq * extrapolate
+        return inv.astype(np.float32), float(att)
+    return inv_freq, 1.0
+
+
+def rope(x: jax.Array, positions: jax.Array, inv_freq, scale: float = 1.0) -> jax.Array:
+    """Rotary embedding, HF half-split layout: ``x·cos + rotate_half(x)·sin`` (cos, sin times ``scale``).
+
+    x: [batch, seq, heads, head_dim]; positions: [batch, seq] (int); inv_freq: [head_dim/2].
+    """
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [b, s, hd/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
     cos, sin = jnp.cos(emb), jnp.sin(emb)
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
     x32 = x.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
@@ -112,7 +158,9 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.head_size
-        self.theta = cfg.rope_theta
+        # a plain tuple, not an array: nnx would otherwise treat it as state
+        inv_freq, self.rope_scale = rope_frequencies(self.hd, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len)
+        self.inv_freq = tuple(float(f) for f in inv_freq)
         self.window = cfg.sliding_window
         q_out, kv_out = self.n_heads * self.hd, self.n_kv * self.hd
         lin = lambda i, o, keep, axes, bias=False: SparseLinear(i, o, keep=keep, cfg=cfg, axes=axes, use_bias=bias, rngs=rngs)
@@ -128,7 +176,7 @@ class Attention(nnx.Module):
         q = self.wq.project(xs).reshape(b, s, self.n_heads, self.hd)
         k = self.wk.project(xs).reshape(b, s, self.n_kv, self.hd)
         v = self.wv.project(xs).reshape(b, s, self.n_kv, self.hd)
-        q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
+        q, k = (rope(t, positions, np.asarray(self.inv_freq, np.float32), self.rope_scale) for t in (q, k))
         rep = self.n_heads // self.n_kv
         q = q.reshape(b, s, self.n_kv, rep, self.hd)
         scores = jnp.einsum("bqgrd,bkgd->bgrqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(self.hd).astype(jnp.float32)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 
+from qsparse_jax.config import RopeScaling
 from qsparse_jax.hf import HFError, load_pretrained, save_pretrained
 from qsparse_jax.model import functional
 
@@ -68,6 +69,36 @@ def test_export_reimport_is_exact_and_transformers_loads_it(kind, tmp_path):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == kind
 
 
+ROPE_SCALINGS = {
+    "linear": dict(rope_type="linear", factor=2.0),
+    "llama3": dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=16),
+    "yarn": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16),
+    "yarn-mscale": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16, mscale=0.707,
+                        mscale_all_dim=0.707, beta_fast=16.0),
+}
+
+
+@pytest.mark.parametrize("scaling", list(ROPE_SCALINGS))
+def test_scaled_rope_matches_transformers_beyond_the_original_context(scaling, tmp_path):
+    """Long-context RoPE variants (linear, Llama 3.1, YaRN), read from config.json and written back."""
+    torch.manual_seed(0)
+    params = {**ROPE_SCALINGS[scaling], "rope_theta": 500.0}
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **SMALL, rope_parameters=params, attn_implementation="eager")).float().eval()
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    tokens = np.random.default_rng(1).integers(0, 97, (1, 48))  # 3x the original context of 16
+    ours = load_pretrained(tmp_path / "hf")
+    assert ours.config.rope_scaling.type == params["rope_type"]
+    apply, p = functional(ours)
+    np.testing.assert_allclose(np.asarray(apply(p, jnp.asarray(tokens))), hf_logits(model, tokens), atol=1e-4, rtol=0)
+    unscaled, p0 = functional(load_pretrained(tmp_path / "hf", rope_scaling=RopeScaling()))
+    assert np.abs(np.asarray(unscaled(p0, jnp.asarray(tokens))) - hf_logits(model, tokens)).max() > 1e-3  # it matters
+    save_pretrained(ours, tmp_path / "out")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").float()
+    np.testing.assert_allclose(hf_logits(reloaded.eval(), tokens), hf_logits(model, tokens), atol=1e-5, rtol=0)
+
+
 def test_loading_onto_a_mesh_streams_into_shards(tmp_path):
     from qsparse_jax.config import MeshConfig
     from qsparse_jax.sharding import make_mesh
@@ -85,6 +116,9 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
         load_pretrained(tmp_path / "hf", vocab_size=98)
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
     with pytest.raises(HFError, match="unsupported model_type 'gpt2'; supported: llama, mistral, qwen2"):
+        load_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "rope_parameters": {"rope_type": "longrope"}}))
+    with pytest.raises(HFError, match="RoPE type 'longrope' is not supported; supported: default, linear, llama3, yarn"):
         load_pretrained(tmp_path / "hf")
     with pytest.raises(HFError, match="no config.json in"):
         load_pretrained(tmp_path / "nowhere")

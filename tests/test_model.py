@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from qsparse_jax import ConfigError, ModelConfig, SparsityConfig, Transformer, cross_entropy, functional
-from qsparse_jax.layers import rope
+from qsparse_jax.config import RopeScaling
+from qsparse_jax.layers import rope, rope_frequencies
 from qsparse_jax.model import activated_params, measure_sparsity
 
 TINY = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48)
@@ -47,11 +48,14 @@ def test_segment_ids_block_attention_across_documents():
     np.testing.assert_allclose(packed[:, :4], model(params, t[:, :4]), atol=1e-5)
 
 
-def test_rope_scores_depend_only_on_relative_position():
+@pytest.mark.parametrize("scaling", [RopeScaling(), RopeScaling("linear", 4.0), RopeScaling("llama3", 8.0),
+                                     RopeScaling("yarn", 4.0, original_max_position_embeddings=32)])
+def test_rope_scores_depend_only_on_relative_position(scaling):
     q = jax.random.normal(jax.random.key(1), (1, 1, 1, 16))
     k = jax.random.normal(jax.random.key(2), (1, 1, 1, 16))
+    inv_freq, scale = rope_frequencies(16, 10000.0, scaling, max_seq_len=128)
     def score(pq, pk):
-        return jnp.sum(rope(q, jnp.asarray([[pq]]), 10000.0) * rope(k, jnp.asarray([[pk]]), 10000.0))
+        return jnp.sum(rope(q, jnp.asarray([[pq]]), inv_freq, scale) * rope(k, jnp.asarray([[pk]]), inv_freq, scale))
     np.testing.assert_allclose(score(3, 1), score(10, 8), rtol=1e-5)
     assert not np.isclose(score(3, 1), score(3, 2))
 
