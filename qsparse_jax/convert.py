@@ -58,11 +58,14 @@ def load_checkpoint_model(ckpt_path: str):
     return cfg, ckpt.restore_params(step_dir, jax_zeros_like(like), what=""), graphdef
 
 
-def export_hf(ckpt_path: str, dst: str, model_type: str | None = None) -> Path:
+def export_hf(ckpt_path: str, dst: str, model_type: str | None = None, ternary: bool = False) -> Path:
     from .hf import save_pretrained
 
-    _, params, graphdef = load_checkpoint_model(ckpt_path)
-    save_pretrained(nnx.merge(graphdef, params), dst, model_type=model_type)
+    cfg, params, graphdef = load_checkpoint_model(ckpt_path)
+    save_pretrained(nnx.merge(graphdef, params), dst, model_type=model_type, ternary=ternary)
+    if cfg.model.sparsity.enabled:
+        print("note: transformers runs the exported weights with dense activations (top-K is not part of its "
+              "models); qsparse_jax.hf.load_pretrained restores the top-K sparsity", file=sys.stderr)
     return Path(dst)
 
 
@@ -83,7 +86,9 @@ def main(argv=None) -> int:
     exp = sub.add_parser("export-hf", help="orbax checkpoint -> HF directory")
     exp.add_argument("ckpt")
     exp.add_argument("dst")
-    exp.add_argument("--model-type", choices=["llama", "mistral", "qwen2"], default=None)
+    exp.add_argument("--model-type", choices=["llama", "mistral", "qwen2", "bitnet"], default=None)
+    exp.add_argument("--ternary", action="store_true",
+                     help="1.58-bit models: write 2-bit packed ternary weights + scales (transformers' bitnet)")
     args = p.parse_args(argv)
     from absl import logging as absl_logging
 
@@ -92,7 +97,7 @@ def main(argv=None) -> int:
         if args.cmd == "import-hf":
             out = import_hf(args.src, args.workdir)
         else:
-            out = export_hf(args.ckpt, args.dst, args.model_type)
+            out = export_hf(args.ckpt, args.dst, args.model_type, args.ternary)
     except ConfigError as e:  # HFError and CheckpointError are ConfigErrors
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ tensor is read slice by slice straight into its shards, so no host ever holds a 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,10 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .config import ROPE_TYPES, ConfigError, ModelConfig, RopeScaling
+from .config import ROPE_TYPES, ConfigError, ModelConfig, RopeScaling, SparsityConfig
 from .model import Transformer
+from .quant import ternary_weights
 
-SUPPORTED = ("llama", "mistral", "qwen2")
+SUPPORTED = ("llama", "mistral", "qwen2", "bitnet")
+# transformers' BitNet "offline" format: BitLinear layers hold 2-bit packed ternary weights and a scale
+BITNET_QUANT = {"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline"}
+_PACK = 4  # ternary values per stored byte
 
 
 class HFError(ConfigError):
@@ -37,16 +42,34 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     scaling = _rope_scaling(rope, hf)
-    if hf.get("hidden_act", "silu") != "silu":
-        raise HFError(f"unsupported hidden_act {hf.get('hidden_act')!r}; supported: silu")
+    act = hf.get("hidden_act", "silu")
+    if act not in ("silu", "relu2") or (act == "relu2" and mtype != "bitnet"):
+        raise HFError(f"unsupported hidden_act {act!r} for {mtype}; supported: silu (bitnet also relu2)")
+    bitnet = {}
+    if mtype == "bitnet":  # BitNet b1.58: SubLN, int8 activations, ternary weights (Q-Sparse Eq. 4-10)
+        qc = hf.get("quantization_config") or {}
+        if hf.get("attention_bias"):
+            raise HFError("bitnet checkpoints with attention_bias are not supported")
+        mode = (qc.get("linear_class", "bitlinear"), qc.get("quantization_mode", "offline"))
+        if qc and mode not in (("bitlinear", "offline"), ("autobitlinear", "online")):
+            raise HFError(f"bitnet linear_class/quantization_mode {'/'.join(mode)} is not supported; "
+                          "supported: bitlinear/offline, autobitlinear/online")
+        bitnet = dict(subln=True, input_norm=bool(qc.get("use_rms_norm", False)))
+        if qc:
+            bitnet.update(act_bits=8, weight_bits="1.58")
+        if "qsparse" in hf:  # our own key: the top-K sparsity the exported model was trained with
+            try:
+                bitnet["sparsity"] = SparsityConfig(**hf["qsparse"])
+            except (TypeError, ConfigError) as e:
+                raise HFError(f"config.json 'qsparse' is not a valid sparsity config: {e}") from None
     heads = hf["num_attention_heads"]
     window = hf.get("sliding_window") if (mtype == "mistral" or hf.get("use_sliding_window")) else None
     kw = dict(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
               n_kv_heads=hf.get("num_key_value_heads", heads), head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-              hidden_dim=hf["intermediate_size"], activation="silu", norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+              hidden_dim=hf["intermediate_size"], activation=act, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
               rope_theta=float(theta), max_seq_len=hf.get("max_position_embeddings", 2048),
               tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=mtype == "qwen2",
-              sliding_window=window, rope_scaling=scaling)
+              sliding_window=window, rope_scaling=scaling, **bitnet)
     kw.update(overrides)
     return ModelConfig(**kw)
 
@@ -104,7 +127,31 @@ def hf_names(cfg: ModelConfig) -> dict[tuple, tuple[str, bool]]:
                 names[("layers", i, "attn", ours, "bias")] = (p + f"self_attn.{theirs}.bias", False)
         for ours, theirs in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
             names[("layers", i, "mlp", ours, "weight")] = (p + f"mlp.{theirs}.weight", True)
+        if cfg.subln:
+            names[("layers", i, "attn", "subln", "weight")] = (p + "self_attn.attn_sub_norm.weight", False)
+            names[("layers", i, "mlp", "subln", "weight")] = (p + "mlp.ffn_sub_norm.weight", False)
     return names
+
+
+def pack_bitnet(levels: np.ndarray) -> np.ndarray:
+    """[out, in] ternary levels → [out/4, in] uint8, transformers' BitNet layout: stored row r holds
+    output rows r, r + out/4, r + out/2, r + 3·out/4 as (level + 1) in bits 0-1, 2-3, 4-5, 6-7."""
+    q = (levels.astype(np.int16) + 1).astype(np.uint8).reshape(_PACK, -1, levels.shape[1])
+    return np.bitwise_or.reduce([q[i] << np.uint8(2 * i) for i in range(_PACK)]).astype(np.uint8)
+
+
+def unpack_bitnet(packed: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`pack_bitnet`: [out/4, in] uint8 → [out, in] int8 levels in {−1, 0, 1}."""
+    return np.concatenate([((packed >> np.uint8(2 * i)) & 3).astype(np.int8) - 1 for i in range(_PACK)])
+
+
+def _bitnet_weight(tensors: "_Tensors", name: str) -> np.ndarray:
+    """A BitLinear weight as the float [out, in] that our absmean ternary quantizer maps back to exactly
+    ``levels / s``: ``levels · (n / nnz) / s`` has mean |w| = 1/s, and rounding keeps each level."""
+    levels = unpack_bitnet(tensors.read(name)).astype(np.float32)
+    scale = tensors.read(name.removesuffix("weight") + "weight_scale").astype(np.float32).reshape(-1)[0]
+    nnz = max(np.count_nonzero(levels), 1)
+    return levels * np.float32(levels.size / nnz) / scale
 
 
 class _Tensors:
@@ -139,6 +186,9 @@ class _Tensors:
     def shape(self, name: str) -> tuple:
         return tuple(self.handle(name).get_slice(name).get_shape())
 
+    def dtype(self, name: str) -> str:
+        return self.handle(name).get_slice(name).get_dtype()
+
     def read(self, name: str, index=None) -> np.ndarray:
         sl = self.handle(name).get_slice(name)
         return np.asarray(sl[index] if index is not None else sl[:])
@@ -169,13 +219,21 @@ def load_pretrained(path: str | Path, *, mesh=None, dtype: str | None = None, **
             raise HFError(f"no HF tensor maps to parameter {'/'.join(map(str, key))}")
         name, transposed = names[key]
         shape = tensors.shape(name)
+        packed = transposed and tensors.dtype(name) == "U8"  # a BitLinear's 2-bit ternary weight
+        if packed:
+            shape = (shape[0] * _PACK, *shape[1:])
         want = tuple(reversed(var.shape)) if transposed else tuple(var.shape)
         if shape != want:
             raise HFError(f"tensor {name!r} has shape {list(shape)}, expected {list(want)} for this config")
         pdt = jnp.dtype(cfg.param_dtype)
 
-        def read(index, name=name, transposed=transposed):
-            if index is None:
+        def read(index, name=name, transposed=transposed, packed=packed, cache={}):
+            if packed:  # packing interleaves output rows, so unpack whole, then slice
+                if name not in cache:
+                    cache[name] = _bitnet_weight(tensors, name)
+                a = cache[name]
+                a = a if index is None else a[tuple(reversed(index))]
+            elif index is None:
                 a = tensors.read(name)
             else:  # read only this shard's slice
                 a = tensors.read(name, tuple(reversed(index)) if transposed else index)
@@ -187,36 +245,81 @@ def load_pretrained(path: str | Path, *, mesh=None, dtype: str | None = None, **
             sh = shardings[key].get_value() if isinstance(shardings[key], nnx.Variable) else shardings[key]
             value = jax.make_array_from_callback(var.shape, sh, read)
         var.set_value(value)
+    for name in tensors.files:  # BitLinear input norms: ours are parameter-free
+        if name.endswith(".rms_norm.weight") and not np.all(tensors.read(name) == 1):
+            raise HFError(f"tensor {name!r}: learned BitLinear input-norm weights are not supported (must be ones)")
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def hf_config(model: Transformer, model_type: str | None = None) -> dict:
+def _bitnet_family(c: ModelConfig) -> bool:
+    return c.activation == "relu2" or c.subln or c.input_norm or c.act_bits is not None or c.weight_bits is not None
+
+
+def _check_exportable(c: ModelConfig, mtype: str, ternary: bool):
+    """One-line error unless transformers' ``mtype`` computes what this model computes."""
+    if mtype != "bitnet":
+        if _bitnet_family(c):
+            raise HFError(f"{mtype} holds only SiLU-GLU models without SubLN, input norms or quantization; "
+                          "export this model as model_type bitnet")
+        if ternary:
+            raise HFError("ternary export needs a 1.58-bit model (model.weight_bits: '1.58')")
+        return
+    if not (c.subln or c.input_norm):
+        raise HFError("transformers' bitnet always applies SubLN: export needs model.subln or model.input_norm")
+    if c.qkv_bias or c.sliding_window:
+        raise HFError("transformers' bitnet has no q/k/v-only bias and no sliding window")
+    quantized = (c.weight_bits, c.act_bits)
+    if quantized not in (("1.58", 8), (None, None)) or (quantized == (None, None) and c.input_norm):
+        raise HFError(f"bitnet export needs weight_bits '1.58' with act_bits 8, or neither (and no input_norm); "
+                      f"got weight_bits {c.weight_bits!r}, act_bits {c.act_bits!r}")
+    if ternary and c.weight_bits != "1.58":
+        raise HFError("ternary export needs a 1.58-bit model (model.weight_bits: '1.58')")
+
+
+def hf_config(model: Transformer, model_type: str | None = None, ternary: bool = False) -> dict:
     c = model.config
-    mtype = model_type or ("qwen2" if c.qkv_bias else "mistral" if c.sliding_window else "llama")
+    default = "bitnet" if _bitnet_family(c) else "qwen2" if c.qkv_bias else "mistral" if c.sliding_window else "llama"
+    mtype = model_type or default
     if mtype not in SUPPORTED:
         raise HFError(f"unsupported model_type {mtype!r}; supported: {', '.join(SUPPORTED)}")
-    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[mtype]
+    _check_exportable(c, mtype, ternary)
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "bitnet": "BitNetForCausalLM"}[mtype]
     out = {"architectures": [arch], "model_type": mtype, "vocab_size": c.vocab_size, "hidden_size": c.dim,
            "intermediate_size": c.hidden_dim, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
-           "num_key_value_heads": c.kv_heads, "head_dim": c.head_size, "hidden_act": "silu",
+           "num_key_value_heads": c.kv_heads, "head_dim": c.head_size, "hidden_act": c.activation,
            "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
            "rope_parameters": _rope_parameters(c),
            "tie_word_embeddings": c.tie_embeddings, "torch_dtype": "float32"}
     if mtype == "mistral":
         out["sliding_window"] = c.sliding_window
-    if mtype == "llama":
+    if mtype in ("llama", "bitnet"):
         out["attention_bias"] = False
+    if mtype == "bitnet":  # its defaults name Llama 3 token ids, outside a small vocabulary
+        out.update(bos_token_id=None, eos_token_id=None)
+    if mtype == "llama":
         out["mlp_bias"] = False
+    if mtype == "bitnet" and c.weight_bits is not None:
+        # packed ternary: BitLinear (y / (s_x·s_w)); dense: AutoBitLinear quantizing online (absmean, Eq. 9-10)
+        mode = BITNET_QUANT if ternary else {**BITNET_QUANT, "linear_class": "autobitlinear", "quantization_mode": "online"}
+        out["quantization_config"] = {**mode, "use_rms_norm": c.input_norm, "rms_norm_eps": c.norm_eps}
+    if mtype == "bitnet" and c.sparsity.enabled:  # transformers ignores it; our importer restores top-K
+        out["qsparse"] = dataclasses.asdict(c.sparsity)
     return out
 
 
-def save_pretrained(model: Transformer, path: str | Path, *, model_type: str | None = None):
-    """Write ``config.json`` + ``model.safetensors`` (float32, dense weights) loadable by transformers."""
+def save_pretrained(model: Transformer, path: str | Path, *, model_type: str | None = None, ternary: bool = False):
+    """Write ``config.json`` + ``model.safetensors`` loadable by transformers.
+
+    Llama / Mistral / Qwen2: float32 dense weights. BitNet-style models (ReLU², SubLN, 1.58-bit) go to
+    transformers' ``bitnet``: float weights it quantizes online, or with ``ternary=True`` 2-bit packed
+    ternary values + per-tensor scale (``w = levels / s``, Eq. 9-10), 16x smaller. Top-K is not part of
+    transformers' models: they run the exported weights with dense activations.
+    """
     from safetensors.numpy import save_file
 
     c = model.config
-    if c.activation != "silu" or c.subln or c.input_norm:
-        raise HFError("only SiLU-GLU models without SubLN / input norms map onto llama / mistral / qwen2")
+    config = hf_config(model, model_type, ternary)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     _, state = nnx.split(model)
@@ -225,8 +328,25 @@ def save_pretrained(model: Transformer, path: str | Path, *, model_type: str | N
     for key, var in nnx.to_flat_state(state):
         name, transposed = names[key]
         a = np.asarray(jax.device_get(var[...]), np.float32)
-        tensors[name] = np.ascontiguousarray(a.T if transposed else a)
+        if ternary and transposed and name != "lm_head.weight":  # the LM head stays full precision
+            if a.shape[1] % _PACK:
+                raise HFError(f"ternary export packs {_PACK} output rows per byte: {name!r} has {a.shape[1]} outputs")
+            levels, s = ternary_weights(jnp.asarray(a))
+            tensors[name] = pack_bitnet(np.asarray(levels).T)
+            tensors[name.removesuffix("weight") + "weight_scale"] = np.asarray(s, np.float32).reshape(1)
+        else:
+            tensors[name] = np.ascontiguousarray(a.T if transposed else a)
+    if config["model_type"] == "bitnet" and not c.subln:  # ones: RMSNorm before the input norm is a no-op
+        for i in range(c.n_layers):
+            p = f"model.layers.{i}."
+            tensors[p + "self_attn.attn_sub_norm.weight"] = np.ones(c.n_heads * c.head_size, np.float32)
+            tensors[p + "mlp.ffn_sub_norm.weight"] = np.ones(c.hidden_dim, np.float32)
+    if config.get("quantization_config", {}).get("use_rms_norm"):  # parameter-free BitLinear input norms
+        for name in list(tensors):
+            if name.endswith(("_proj.weight")) and "lm_head" not in name:
+                tensors[name.removesuffix("weight") + "rms_norm.weight"] = np.ones(
+                    tensors[name].shape[1], np.float32)
     tmp = path / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     tmp.replace(path / "model.safetensors")
-    (path / "config.json").write_text(json.dumps(hf_config(model, model_type), indent=2))
+    (path / "config.json").write_text(json.dumps(config, indent=2))

@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from qsparse_jax.config import RopeScaling
-from qsparse_jax.hf import HFError, load_pretrained, save_pretrained
+from qsparse_jax.hf import HFError, load_pretrained, pack_bitnet, save_pretrained, unpack_bitnet
 from qsparse_jax.model import functional
 
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -216,3 +216,100 @@ def test_eval_cli_perplexity_and_multiple_choice_dense_vs_sparse(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "qsparse_jax.eval", "--hf", str(tmp_path / "hf"), "--mc",
                           str(tmp_path / "text.txt"), "--sparsity", "0.4"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: ") and "text.txt:1: expected" in bad.stderr
+
+
+def _bitnet_model(input_norm: bool, subln: bool = True, sparsity: float = 0.0):
+    """A tiny BitNet b1.58 model (ReLU² GLU, SubLN, int8 activations, ternary weights), every norm random."""
+    from flax import nnx
+
+    from qsparse_jax import ModelConfig, SparsityConfig, Transformer
+
+    cfg = ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, activation="relu2",
+                      subln=subln, input_norm=input_norm, act_bits=8, weight_bits="1.58", rope_theta=500.0,
+                      sparsity=SparsityConfig.uniform(sparsity))
+    model = Transformer(cfg, rngs=nnx.Rngs(3))
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        if path[-1] == "weight" and var[...].ndim == 1:
+            var.set_value(1.0 + 0.1 * jax.random.normal(jax.random.key(len(path)), var.shape))
+    return model
+
+
+@pytest.fixture
+def no_torch_compile(monkeypatch):
+    # transformers' BitLinear wraps its int8 quantizer in torch.compile; eager is what we compare against
+    monkeypatch.setattr(torch._dynamo.config, "disable", True, raising=False)
+
+
+@pytest.mark.parametrize("ternary", [True, False], ids=["packed-ternary", "dense-online"])
+@pytest.mark.parametrize("input_norm", [False, True], ids=["subln", "subln+bitlinear-norm"])
+def test_bitnet_export_loads_in_transformers_with_matching_logits(ternary, input_norm, tmp_path, no_torch_compile):
+    model = _bitnet_model(input_norm)
+    save_pretrained(model, tmp_path / "out", ternary=ternary)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "bitnet" and config["quantization_config"]["use_rms_norm"] == input_norm
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager",
+                                                           dtype=torch.float32).eval()
+    apply, params = functional(model)
+    ours = np.asarray(apply(params, jnp.asarray(TOKENS)))
+    np.testing.assert_allclose(hf_logits(hf, TOKENS), ours, atol=2e-4, rtol=0)
+
+
+def test_ternary_export_is_2_bit_and_reimport_keeps_levels_and_scales(tmp_path, no_torch_compile):
+    from safetensors.numpy import load_file
+
+    from qsparse_jax.quant import quantize_weights
+
+    model = _bitnet_model(input_norm=True, sparsity=0.4)
+    save_pretrained(model, tmp_path / "packed", ternary=True)
+    save_pretrained(model, tmp_path / "dense")
+    packed = load_file(tmp_path / "packed" / "model.safetensors")
+    q = packed["model.layers.0.self_attn.q_proj.weight"]
+    assert q.dtype == np.uint8 and q.shape == (64 // 4, 64)
+    assert set(np.unique(unpack_bitnet(q))) <= {-1, 0, 1}
+    again = load_pretrained(tmp_path / "packed")
+    assert again.config.sparsity == model.config.sparsity  # top-K restored from our config key
+    a, b = dict(nnx_flat(model)), dict(nnx_flat(again))
+    for key in a:  # the weights the model computes with: same ternary levels times the same scale (up to
+        # the float32 rounding of mean|w| over the tensor, which the absmean quantizer recomputes)
+        if key[-1] == "weight" and a[key].ndim == 2 and key[0] != "embed" and key[0] != "lm_head":
+            qa, qb = np.asarray(quantize_weights(a[key])), np.asarray(quantize_weights(b[key]))
+            np.testing.assert_array_equal(np.sign(qb), np.sign(qa))
+            np.testing.assert_allclose(qb, qa, rtol=1e-5, atol=0)
+        else:
+            np.testing.assert_array_equal(a[key], b[key])
+    save_pretrained(again, tmp_path / "packed2", ternary=True)
+    packed2 = load_file(tmp_path / "packed2" / "model.safetensors")
+    for name, t in packed.items():
+        if t.dtype == np.uint8:
+            np.testing.assert_array_equal(packed2[name], t)  # export -> import -> export: same bytes
+    size = lambda d: (d / "model.safetensors").stat().st_size
+    assert size(tmp_path / "packed") < size(tmp_path / "dense")
+
+
+def nnx_flat(model):
+    from flax import nnx
+
+    return [(k, np.asarray(v[...])) for k, v in nnx.to_flat_state(nnx.state(model))]
+
+
+def test_pack_bitnet_matches_transformers_layout():
+    from transformers.integrations.bitnet import pack_weights, unpack_weights
+
+    levels = np.random.default_rng(0).integers(-1, 2, (24, 7)).astype(np.int8)
+    theirs = pack_weights(torch.tensor(levels)).numpy()  # (it adds 1 in place: pass a copy)
+    np.testing.assert_array_equal(pack_bitnet(levels), theirs)
+    np.testing.assert_array_equal(unpack_bitnet(theirs), unpack_weights(torch.as_tensor(theirs), torch.int8).numpy())
+
+
+@pytest.mark.parametrize("change, msg", [
+    (dict(weight_bits="1"), "bitnet export needs weight_bits '1.58' with act_bits 8"),
+    (dict(subln=False), "transformers' bitnet always applies SubLN"),
+])
+def test_unexportable_models_are_one_line_errors(change, msg, tmp_path):
+    model = _bitnet_model(input_norm=False)
+    model.config = model.config.replace(**change)
+    with pytest.raises(HFError, match=msg):
+        save_pretrained(model, tmp_path / "out", ternary=True)
+    with pytest.raises(HFError, match="llama holds only SiLU-GLU models"):
+        save_pretrained(_bitnet_model(input_norm=False), tmp_path / "out", model_type="llama")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
