@@ -1,0 +1,84 @@
+"""Pure-XLA forms of the quantized sparse matmul: the reference the Pallas kernels must equal.
+
+``y = quantize_activations(topk_sparsify(x, k)) @ dequantize(w)`` computed on the integer path:
+
+- ``x̃ = topk_sparsify(x, k)`` (Eq. 2–3; per block of ``block_size`` for N:M), then per-token absmax
+  int8 ``q = clip(round(x̃·s), −128, 127)``, ``s = 127/max(max|x̃|, 1e-5)`` (Eq. 5–7);
+- ternary levels ``t`` and ``s_w = 1/max(mean|w|, 1e-5)`` of the packed weight (Eq. 9–10);
+- ``acc = Σ_i q_i·t_i`` exactly (int32), ``y = acc / (s·s_w)`` (Eq. 8 with the scales pulled out).
+
+The training-time fake-quant forward ``(q/s) @ (t/s_w)`` is the same sum with each product rounded
+in float32 first, so the two agree within float32 rounding (a few ulp of ``Σ|q·t|/(s·s_w)``).
+
+The accumulator can also be computed in float32 or bfloat16-in/float32-out: levels are integers of
+at most 8 bits (exact in bfloat16) and every partial sum is an integer below ``128·D``, exact in
+float32 while ``D < 2^17``, whatever the summation order. The CPU formulations below use that.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ..quant import activation_int8
+from ..sparsity import topk_sparsify
+from .packing import PackedTernary, unpack_levels
+
+F32_EXACT_MAX_D = 1 << 17  # 128 · D < 2^24: float32 sums of the int8 × ternary products are exact
+
+
+def quantize_input(x: jax.Array, k: int | None, block_size: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """int8 ``q [M, D]`` and scale ``s [M, 1]`` of ``topk_sparsify(x, k)`` (Eq. 2–7); ``k=None``: dense."""
+    xs = x if k is None else topk_sparsify(x, k, block_size=block_size)
+    return activation_int8(xs)
+
+
+def scale_output(acc: jax.Array, s: jax.Array, w_scale: jax.Array) -> jax.Array:
+    """``y = acc / (s · s_w)`` in float32: both scales applied once, at the end."""
+    return acc.astype(jnp.float32) / (s * w_scale)
+
+
+def int8_dot(q: jax.Array, t: jax.Array) -> jax.Array:
+    """``q @ t`` for int8 operands with an int32 accumulator."""
+    return lax.dot_general(q, t, (((q.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+
+
+def accumulate_reference(q: jax.Array, w: PackedTernary) -> jax.Array:
+    """The reference accumulator: unpack every level, int8 × int8 → int32 dot. ``[M, out]`` int32."""
+    return int8_dot(q, unpack_levels(w))
+
+
+def accumulate_f32(q: jax.Array, w: PackedTernary, dtype=jnp.float32) -> jax.Array:
+    """Same accumulator through a float dot (``dtype`` inputs, float32 out), exact for D < 2^17."""
+    y = lax.dot_general(q.astype(dtype), unpack_levels(w).astype(dtype), (((1,), (0,)), ((), ())),
+                        preferred_element_type=jnp.float32)
+    return y.astype(jnp.int32)
+
+
+def kept_rows(q: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
+    """Indices of the input features that are non-zero in any token, padded to ``rows`` with 0.
+
+    Returns ``(idx int32 [rows], count int32 [])``. Rows past ``count`` point at feature 0 and
+    are paired with zero activations by the caller, so they add nothing."""
+    nz = jnp.any(q != 0, axis=0)
+    (idx,) = jnp.nonzero(nz, size=rows, fill_value=0)
+    return idx.astype(jnp.int32), jnp.sum(nz, dtype=jnp.int32)
+
+
+def gather_columns(q: jax.Array, idx: jax.Array, count: jax.Array) -> jax.Array:
+    """``q[:, idx]`` with the padding columns (position ≥ count) zeroed: ``[M, rows]`` int8."""
+    valid = jnp.arange(idx.shape[0]) < count
+    return jnp.where(valid[None, :], jnp.take(q, idx, axis=1), jnp.zeros((), q.dtype))
+
+
+def accumulate_gathered(q: jax.Array, w: PackedTernary, rows: int, dtype=jnp.float32) -> jax.Array:
+    """Decode form: read only the packed rows of kept features, unpack them, dot. Exact accumulator.
+
+    ``rows`` ≥ the number of features any token keeps (``min(D, M·k)``)."""
+    idx, count = kept_rows(q, rows)
+    qg = gather_columns(q, idx, count)
+    sub = PackedTernary(jnp.take(w.data, idx, axis=0), w.scale, w.out_features, w.bits)
+    if dtype == jnp.int8:
+        return accumulate_reference(qg, sub)
+    return accumulate_f32(qg, sub, dtype)
