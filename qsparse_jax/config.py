@@ -205,6 +205,7 @@ class DataConfig:
     JSONL (``text_field``) or ArrayRecord files."""
 
     source: str = "stdlib"
+    task: str = "lm"  # lm: next-token on everything; sft: prompt/response or chat JSONL, loss on responses
     format: str = "auto"  # auto | text | jsonl | arrayrecord
     text_field: str = "text"
     tokenizer: str = "byte"  # byte, or a path to a HF tokenizer.json
@@ -214,6 +215,7 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self):
+        _require(self.task in ("lm", "sft"), f"data.task must be one of lm, sft, got {self.task!r}")
         _require(self.format in ("auto", "text", "jsonl", "arrayrecord"),
                  f"data.format must be one of auto, text, jsonl, arrayrecord, got {self.format!r}")
         for name in ("seq_len", "batch_size"):
@@ -236,6 +238,7 @@ class OptimConfig:
     clip_norm: float | None = 1.0
     schedule: str = "cosine"
     warmup_steps: int = 100
+    warmup_fraction: float | None = None  # set: warmup = this fraction of the steps (overrides warmup_steps)
     end_lr_ratio: float = 0.1  # final lr / peak lr
     power: float = 1.0  # polynomial decay exponent
     lr2: float | None = None  # two_stage: second-stage peak lr
@@ -250,6 +253,8 @@ class OptimConfig:
         _require(self.weight_decay >= 0 and self.weight_decay2 >= 0, "optim.weight_decay must be >= 0")
         _require(self.clip_norm is None or self.clip_norm > 0, f"optim.clip_norm must be positive or null, got {self.clip_norm!r}")
         _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        _require(self.warmup_fraction is None or 0 <= self.warmup_fraction < 1,
+                 f"optim.warmup_fraction must be in [0, 1) or null, got {self.warmup_fraction!r}")
         _require(0 <= self.end_lr_ratio <= 1, f"optim.end_lr_ratio must be in [0, 1], got {self.end_lr_ratio!r}")
         _require(0 < self.stage2_at < 1, f"optim.stage2_at must be in (0, 1), got {self.stage2_at!r}")
         _require(self.grad_accum >= 1, f"optim.grad_accum must be a positive integer, got {self.grad_accum!r}")
@@ -284,6 +289,7 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000
+    epochs: float | None = None  # set: steps = ceil(epochs · train rows / batch_size), overriding steps
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100
@@ -293,6 +299,7 @@ class TrainConfig:
         for name in ("steps", "log_every", "eval_every", "eval_batches"):
             v = getattr(self, name)
             _require(v >= 1, f"train.{name} must be a positive integer, got {v!r}")
+        _require(self.epochs is None or self.epochs > 0, f"train.epochs must be positive or null, got {self.epochs!r}")
 
 
 @dataclass(frozen=True)

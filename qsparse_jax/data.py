@@ -200,6 +200,37 @@ class Windows:
         return self.tokens[s:s + self.seq_len + 1]
 
 
+class Rows:
+    """Random access to packed SFT rows (a dict of equally long arrays): row ``i`` is a dict."""
+
+    def __init__(self, rows: dict[str, np.ndarray]):
+        self.rows = rows
+        self.n = len(rows["tokens"])
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {k: v[int(i)] for k, v in self.rows.items()}
+
+
+def batch_source(data, seq_len: int):
+    """Windows of an LM token stream, or the rows of packed SFT examples."""
+    return Rows(data) if isinstance(data, dict) else Windows(data, seq_len)
+
+
+def _stack(items: list):
+    if isinstance(items[0], dict):
+        return {k: np.stack([it[k] for it in items]) for k in items[0]}
+    return np.stack(items).astype(np.int32)
+
+
+def _slice(batch, start: int, size: int):
+    if isinstance(batch, dict):
+        return {k: np.asarray(v[start:start + size]) for k, v in batch.items()}
+    return np.asarray(batch[start:start + size], np.int32)
+
+
 def _host_batch(global_batch: int) -> int:
     n = jax.process_count()
     if global_batch % n:
@@ -207,27 +238,29 @@ def _host_batch(global_batch: int) -> int:
     return global_batch // n
 
 
-def train_dataset(tokens: np.ndarray, cfg: DataConfig) -> grain.MapDataset:
-    """Shuffled (seeded), repeated, host-sharded batches of this host's share of the global batch."""
-    windows = Windows(tokens, cfg.seq_len)
+def train_dataset(tokens, cfg: DataConfig) -> grain.MapDataset:
+    """Shuffled (seeded), repeated, host-sharded batches of this host's share of the global batch.
+
+    ``tokens``: an LM token stream (batches are int32 [B, seq_len + 1]) or packed SFT rows (batches
+    are dicts of such arrays, see ``sft.py``)."""
+    windows = batch_source(tokens, cfg.seq_len)
     if len(windows) < cfg.batch_size:
-        raise DataError(f"the training split has {len(windows)} windows of {cfg.seq_len + 1} tokens, fewer than "
+        raise DataError(f"the training split has {len(windows)} rows of {cfg.seq_len + 1} tokens, fewer than "
                         f"data.batch_size={cfg.batch_size}: use more text or a shorter data.seq_len")
     ds = grain.MapDataset.source(windows).shuffle(seed=cfg.seed).repeat(None)
     # every host reads a disjoint slice of each global batch
     per_host = _host_batch(cfg.batch_size)
     ds = ds.batch(cfg.batch_size, drop_remainder=True)
     start = jax.process_index() * per_host
-    return ds.map(lambda b: np.asarray(b[start:start + per_host], np.int32))
+    return ds.map(lambda b: _slice(b, start, per_host))
 
 
-def val_batches(tokens: np.ndarray, cfg: DataConfig, n_batches: int) -> list[np.ndarray]:
+def val_batches(tokens, cfg: DataConfig, n_batches: int) -> list:
     """The first ``n_batches`` validation batches in order (fewer if the split is short)."""
-    windows = Windows(tokens, cfg.seq_len)
+    windows = batch_source(tokens, cfg.seq_len)
     per_host = _host_batch(cfg.batch_size)
     n = min(n_batches, len(windows) // cfg.batch_size)
     if n == 0:
         raise DataError(f"the validation split has {len(windows)} windows, fewer than data.batch_size={cfg.batch_size}")
     start = jax.process_index() * per_host
-    return [np.stack([windows[b * cfg.batch_size + start + j] for j in range(per_host)]).astype(np.int32)
-            for b in range(n)]
+    return [_stack([windows[b * cfg.batch_size + start + j] for j in range(per_host)]) for b in range(n)]

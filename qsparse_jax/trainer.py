@@ -8,6 +8,7 @@ tensorboardX event files under ``workdir/tensorboard``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -37,7 +38,8 @@ class TrainingError(RuntimeError):
 def lr_schedule(o: OptimConfig, steps: int):
     """Linear warmup, then cosine / polynomial decay to ``end_lr_ratio · lr``, constant, or BitNet's
     two stages (``lr`` decaying until ``stage2_at``, then ``lr2`` decaying to ``end_lr_ratio · lr2``)."""
-    warm = min(o.warmup_steps, max(steps - 1, 0))
+    warm = o.warmup_steps if o.warmup_fraction is None else round(o.warmup_fraction * steps)
+    warm = min(warm, max(steps - 1, 0))
 
     def decay(peak, length):
         if o.schedule == "constant":
@@ -102,26 +104,48 @@ def setup(cfg: Config, devices=None) -> tuple[Setup, dict]:
     return Setup(cfg, mesh, graphdef, optimizer, s_sharding, batch_sharding(mesh)), state
 
 
+def split_batch(batch):
+    """(inputs, targets, model kwargs, target weights) of an LM batch [B, L+1] or a packed SFT batch
+    dict (``tokens``, ``segment_ids``, ``positions``, ``weights``; see ``sft.py``)."""
+    if isinstance(batch, dict):
+        t = batch["tokens"]
+        kw = {"positions": batch["positions"][:, :-1], "segment_ids": batch["segment_ids"][:, :-1]}
+        return t[:, :-1], t[:, 1:], kw, batch["weights"]
+    return batch[:, :-1], batch[:, 1:], {}, None
+
+
+def _nll_sum(apply, params, batch):
+    """(summed target NLL, number of targets counted): sums, so micro-batches combine exactly."""
+    inputs, targets, kw, weights = split_batch(batch)
+    if weights is None:
+        weights = jnp.ones(targets.shape, jnp.float32)
+    logits = apply(params, inputs, **kw)
+    n = jnp.sum(weights)
+    return cross_entropy(logits, targets, weights) * jnp.maximum(n, 1.0), n
+
+
 def make_train_step(s: Setup):
     accum = s.cfg.optim.grad_accum
 
-    def loss_fn(params, batch):
-        return cross_entropy(s.apply(params, batch[:, :-1]), batch[:, 1:])
+    def sum_fn(params, batch):
+        return _nll_sum(s.apply, params, batch)
 
     def step(state, batch):
         params = state["params"]
+        grad_fn = jax.value_and_grad(sum_fn, has_aux=True)
         if accum == 1:
-            loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        else:  # average micro-batch gradients: one optimizer update per global batch
-            micro = batch.reshape(accum, batch.shape[0] // accum, batch.shape[1])
+            (total, count), grads = grad_fn(params, batch)
+        else:  # accumulate summed losses and gradients: one optimizer update per global batch
+            micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
             def body(carry, mb):
-                l, g = jax.value_and_grad(loss_fn)(params, mb)
-                return jax.tree.map(jnp.add, carry, (l, g)), None
+                (l, n), g = grad_fn(params, mb)
+                return jax.tree.map(jnp.add, carry, (l, n, g)), None
 
-            zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-            (loss, grads), _ = jax.lax.scan(body, zeros, micro)
-            loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
+            zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+            (total, count, grads), _ = jax.lax.scan(body, zeros, micro)
+        count = jnp.maximum(count, 1.0)
+        loss, grads = total / count, jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = s.optimizer.update(grads, state["opt_state"], params)
         new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
         return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -131,8 +155,10 @@ def make_train_step(s: Setup):
 
 
 def make_eval_step(s: Setup):
+    """(summed NLL, target count) of one batch."""
+
     def ev(params, batch):
-        return cross_entropy(s.apply(params, batch[:, :-1]), batch[:, 1:])
+        return _nll_sum(s.apply, params, batch)
 
     return jax.jit(ev, in_shardings=(s.state_sharding["params"], s.batch_sharding))
 
@@ -141,7 +167,8 @@ def make_stats_step(s: Setup):
     """Zeros seen at each projection group's input on one batch (for per-projection sparsity)."""
 
     def st(params, batch):
-        return s.apply(params, batch[:, :-1], return_stats=True)[1]
+        inputs, _, kw, _ = split_batch(batch)
+        return s.apply(params, inputs, return_stats=True, **kw)[1]
 
     return jax.jit(st, in_shardings=(s.state_sharding["params"], s.batch_sharding))
 
@@ -243,13 +270,14 @@ def write_config(workdir: Path, cfg: Config):
 # --- the loop --------------------------------------------------------------------------------------
 
 def evaluate(eval_fn, params, batches, sharding) -> float:
-    losses = [eval_fn(params, _global_batch(b, sharding)) for b in batches]
-    return float(np.mean([float(x) for x in losses]))
+    """Mean NLL over every counted target of the batches."""
+    sums = [eval_fn(params, _global_batch(b, sharding)) for b in batches]
+    return float(sum(float(t) for t, _ in sums) / max(sum(float(n) for _, n in sums), 1.0))
 
 
-def _global_batch(local: np.ndarray, sharding) -> jax.Array:
-    """This host's rows → one global array split over the data axes (works single- and multi-host)."""
-    return jax.make_array_from_process_local_data(sharding, local)
+def _global_batch(local, sharding):
+    """This host's rows → global arrays split over the data axes (works single- and multi-host)."""
+    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a), local)
 
 
 class _StopRequest:
@@ -276,13 +304,25 @@ def train(cfg: Config, workdir: str | Path, init_from: str | None = None, stop_a
     final metrics. User-facing failures raise ConfigError / DataError / CheckpointError /
     TrainingError with one-line messages. ``stop_after`` simulates a preemption signal after that step."""
     from . import checkpoint as ckpt
-    from .data import DataError, tokenize_corpus, train_dataset, val_batches
+    from .data import DataError, batch_source, tokenize_corpus, train_dataset, val_batches
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    splits = tokenize_corpus(cfg.data)
+    if cfg.data.task == "sft":
+        from .sft import load_sft
+
+        splits = load_sft(cfg.data)
+    else:
+        splits = tokenize_corpus(cfg.data)
     if splits.vocab_size > cfg.model.vocab_size:
         raise DataError(f"the tokenizer has {splits.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")
+    if cfg.train.epochs is not None:  # e.g. SFT recipes: "1 epoch"
+        rows = len(batch_source(splits.train, cfg.data.seq_len))
+        steps = max(1, math.ceil(cfg.train.epochs * rows / cfg.data.batch_size))
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
+        print(f"train.epochs={cfg.train.epochs:g} over {rows} rows of {cfg.data.seq_len + 1} tokens: {steps} steps",
+              flush=True)
+    train_tokens = int(np.sum(splits.train["segment_ids"] > 0)) if cfg.data.task == "sft" else len(splits.train)
     s, state = setup(cfg)
     batches = iter(train_dataset(splits.train, cfg.data))
     mngr = ckpt.manager(workdir / "checkpoints", cfg.checkpoint)
@@ -307,7 +347,8 @@ def train(cfg: Config, workdir: str | Path, init_from: str | None = None, stop_a
     peak = peak_flops(jax.devices()[0])
     n_dev = jax.device_count()
     print(f"training steps {start}..{total} on {n_dev} {jax.devices()[0].platform} device(s), mesh {dict(s.mesh.shape)}; "
-          f"{splits.n_docs[0]} train / {splits.n_docs[1]} validation documents, {len(splits.train):,} train tokens",
+          f"{splits.n_docs[0]} train / {splits.n_docs[1]} validation {'examples' if cfg.data.task == 'sft' else 'documents'}, "
+          f"{train_tokens:,} train tokens",
           flush=True)
     last = {"time": time.time(), "step": start}
     metrics: dict = {}
@@ -333,7 +374,7 @@ def train(cfg: Config, workdir: str | Path, init_from: str | None = None, stop_a
                 now = time.time()
                 tps = (done - last["step"]) * tokens_per_step / max(now - last["time"], 1e-9)
                 last = {"time": now, "step": done}
-                sparsity = sparsity_from_zeros(cfg.model, stats_fn(state["params"], batch), batch.shape[0] * (batch.shape[1] - 1))
+                sparsity = sparsity_from_zeros(cfg.model, stats_fn(state["params"], batch), tokens_per_step)
                 acct = activated_params(cfg.model, sparsity)
                 achieved = tps * flops_per_token(cfg) / n_dev
                 achieved_sparse = tps * flops_per_token(cfg, sparsity) / n_dev

@@ -86,3 +86,23 @@ def test_mistral_continued_training_config_reproduces_the_papers_activated_param
     sp = cfg.model.sparsity
     r = activated_params(cfg.model, {"qkv": sp.qkv, "out": sp.out, "up": sp.gate_up, "gate": sp.gate_up, "down": sp.down})
     assert abs(r["overall"] - 0.457) < 5e-4 and abs(r["N_a"] / 1e9 - 3.8) < 0.05
+
+
+def test_openorca_fine_tuning_config_is_one_epoch_cosine_with_3_percent_warmup():
+    from qsparse_jax.trainer import lr_schedule
+
+    cfg = load_config("configs/mistral-7b-openorca-qsparse.yaml")
+    assert cfg.data.task == "sft" and cfg.train.epochs == 1 and cfg.optim.schedule == "cosine"
+    assert cfg.model.sparsity == load_config("configs/mistral-7b-continued-qsparse.yaml").model.sparsity
+    f = lr_schedule(cfg.optim, 1000)  # steps come from the data at run time; warmup is 3 % of them
+    assert float(f(29)) < cfg.optim.lr and np.isclose(float(f(30)), cfg.optim.lr) and float(f(1000)) < 1e-9
+
+
+@pytest.mark.parametrize("override, msg", [
+    ("data.task=chat", "data.task must be one of lm, sft"),
+    ("train.epochs=0", "train.epochs must be positive"),
+    ("optim.warmup_fraction=1.5", r"optim.warmup_fraction must be in \[0, 1\)"),
+])
+def test_sft_options_are_validated(override, msg):
+    with pytest.raises(ConfigError, match=msg):
+        load_config(None, [override])
