@@ -43,14 +43,20 @@ def _accumulate_planes(o_ref, q, packed, bits):
         o_ref[p] += jnp.dot(q, t, preferred_element_type=jnp.int32)
 
 
-def _matmul_kernel(q_ref, w_ref, *rest, bits):
+def _matmul_step(first, q_ref, w_ref, *rest, bits):
+    """One (M, C, D) grid step; ``first``: first step of the reduction over D."""
     o_ref = rest[-1]  # an aliased out_init (poisoning in tests) comes before it and is not read
 
-    @pl.when(pl.program_id(2) == 0)
+    @pl.when(first)
     def _():
         o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
 
     _accumulate_planes(o_ref, q_ref[...], w_ref[...], bits)
+
+
+def _matmul_kernel(*refs, bits):
+    # program ids are read at the top level: the interpreter cannot evaluate them inside pl.when
+    _matmul_step(pl.program_id(2) == 0, *refs, bits=bits)
 
 
 def _gather_kernel(n_ref, idx_ref, q_ref, w_ref, *rest, bits, bk):
