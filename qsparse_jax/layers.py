@@ -170,18 +170,30 @@ class Attention(nnx.Module):
         self.wo = lin(q_out, cfg.dim, cfg.keep("out"), ("heads", "embed"))
         self.subln = RMSNorm(q_out, cfg.norm_eps, param_dtype=_dtype(cfg.param_dtype)) if cfg.subln else None
 
-    def __call__(self, x, positions, segment_ids, stats: dict | None):
+    def __call__(self, x, positions, segment_ids, stats: dict | None, cache: dict | None = None):
+        """With ``cache`` (``k``, ``v``: [batch, max_len, kv_heads, head_dim], ``index``: tokens already
+        cached) the new keys/values are written at ``index`` and queries attend over the whole cache;
+        returns ``(out, cache)``. Cached key ``j`` sits at position ``j`` (contiguous generation)."""
         b, s, _ = x.shape
         xs = self.wq.sparsify(x)
         q = self.wq.project(xs).reshape(b, s, self.n_heads, self.hd)
         k = self.wk.project(xs).reshape(b, s, self.n_kv, self.hd)
         v = self.wv.project(xs).reshape(b, s, self.n_kv, self.hd)
         q, k = (rope(t, positions, np.asarray(self.inv_freq, np.float32), self.rope_scale) for t in (q, k))
+        if cache is not None:
+            at = (0, cache["index"], 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at)
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at)
+            cache = {"k": k, "v": v, "index": cache["index"] + s}
+            key_pos = jnp.arange(k.shape[1], dtype=positions.dtype)
+            delta = positions[:, :, None] - key_pos[None, None, :]
+            mask = (delta >= 0) & (key_pos < cache["index"])[None, None, :]
+        else:
+            delta = positions[:, :, None] - positions[:, None, :]
+            mask = delta >= 0  # causal, by position
         rep = self.n_heads // self.n_kv
         q = q.reshape(b, s, self.n_kv, rep, self.hd)
         scores = jnp.einsum("bqgrd,bkgd->bgrqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(self.hd).astype(jnp.float32)
-        delta = positions[:, :, None] - positions[:, None, :]
-        mask = delta >= 0  # causal, by position
         if self.window is not None:
             mask = mask & (delta < self.window)
         if segment_ids is not None:  # packed sequences never attend across documents
@@ -195,7 +207,8 @@ class Attention(nnx.Module):
         if stats is not None:
             stats["qkv"] = stats.get("qkv", 0.0) + _zero_count(xs)
             stats["out"] = stats.get("out", 0.0) + _zero_count(os_)
-        return self.wo.project(os_)
+        out = self.wo.project(os_)
+        return out if cache is None else (out, cache)
 
 
 class FeedForward(nnx.Module):
@@ -231,6 +244,10 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=pdt)
         self.mlp = FeedForward(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, segment_ids, stats: dict | None = None):
-        x = x + self.attn(self.attn_norm(x), positions, segment_ids, stats)
-        return x + self.mlp(self.mlp_norm(x), stats)
+    def __call__(self, x, positions, segment_ids, stats: dict | None = None, cache: dict | None = None):
+        if cache is None:
+            x = x + self.attn(self.attn_norm(x), positions, segment_ids, stats)
+            return x + self.mlp(self.mlp_norm(x), stats)
+        h, cache = self.attn(self.attn_norm(x), positions, segment_ids, stats, cache)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x), stats), cache

@@ -33,20 +33,36 @@ class Transformer(nnx.Module):
             self.lm_head = nnx.Param(head, logical_axes=("embed", "vocab"))
 
     def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, return_stats: bool = False):
+                 segment_ids: jax.Array | None = None, return_stats: bool = False, cache: list | None = None):
         """tokens, positions, segment_ids: int [batch, seq]. With ``return_stats`` also returns the
-        number of zeros seen at each projection group's matmul input, summed over layers."""
+        number of zeros seen at each projection group's matmul input, summed over layers. With a KV
+        ``cache`` (:func:`init_cache`) the tokens continue the cached ones: returns ``(logits, cache)``."""
         cfg = self.config
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+            start = 0 if cache is None else cache[0]["index"]
+            positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(_dtype(cfg.dtype))
         stats: dict | None = {} if return_stats else None
-        for layer in self.layers:
-            x = layer(x, positions, segment_ids, stats)
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            if cache is None:
+                x = layer(x, positions, segment_ids, stats)
+            else:
+                x, c = layer(x, positions, segment_ids, stats, cache[i])
+                new_cache.append(c)
         x = self.norm(x).astype(jnp.float32)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         logits = x @ head.astype(jnp.float32)
-        return (logits, stats) if return_stats else logits
+        out = (logits, stats) if return_stats else logits
+        return out if cache is None else (out, new_cache)
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> list[dict]:
+    """An empty KV cache: per layer ``k``, ``v`` zeros [batch, max_len, kv_heads, head_dim] and ``index`` 0."""
+    dtype = dtype or _dtype(config.dtype)
+    shape = (batch, max_len, config.kv_heads, config.head_size)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.zeros((), jnp.int32)}
+            for _ in range(config.n_layers)]
 
 
 # --- pure-functional form ------------------------------------------------------------------------

@@ -1,0 +1,155 @@
+"""Autoregressive decoding with a KV cache, and its speed dense vs sparse.
+
+``python -m qsparse_jax.generate (--hf DIR | --ckpt DIR | --config YAML) --prompt TEXT``
+
+The prompt is prefilled in one pass, then one token per step is decoded inside a single jitted
+``lax.scan`` (one dispatch for the whole continuation, so the timing is the model, not Python). The
+same weights run twice, with the model's top-K sparsity and fully dense, and the tokens/s of both and
+their ratio are printed (``--sparsity S`` sets a uniform sparsity for the sparse run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ConfigError, SparsityConfig
+from .model import init_cache
+
+
+def _pick(logits, key, temperature):
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
+
+
+def make_generate(apply, config, batch: int, prompt_len: int, max_new_tokens: int, temperature: float = 0.0):
+    """Jitted ``(prefill, decode)``: ``prefill(params, prompt, key) -> (first token, cache)``;
+    ``decode(params, first, cache, key) -> tokens [batch, max_new_tokens]`` (the first included)."""
+    max_len = prompt_len + max_new_tokens
+    if max_len > config.max_seq_len:
+        raise ConfigError(f"prompt ({prompt_len}) + new tokens ({max_new_tokens}) exceed model.max_seq_len "
+                          f"{config.max_seq_len}")
+
+    @jax.jit
+    def prefill(params, prompt, key):
+        logits, cache = apply(params, prompt, cache=init_cache(config, batch, max_len))
+        return _pick(logits[:, -1], key, temperature), cache
+
+    @jax.jit
+    def decode(params, first, cache, key):
+        def step(carry, k):
+            tok, cache = carry
+            logits, cache = apply(params, tok[:, None], cache=cache)
+            nxt = _pick(logits[:, -1], k, temperature)
+            return (nxt, cache), nxt
+
+        keys = jax.random.split(key, max_new_tokens - 1)
+        _, rest = jax.lax.scan(step, (first, cache), keys)
+        return jnp.concatenate([first[:, None], rest.T], axis=1)
+
+    return prefill, decode
+
+
+def generate(apply, params, config, prompt: np.ndarray, max_new_tokens: int, *, temperature: float = 0.0,
+             seed: int = 0, repeats: int = 1) -> tuple[np.ndarray, dict]:
+    """Continue ``prompt`` (int [batch, P]) by ``max_new_tokens``; returns (tokens, timings). Timings are
+    medians over ``repeats`` runs after a compile run: ``prefill_s``, ``decode_s``, ``tokens_per_s``
+    (decoded tokens of the whole batch per second)."""
+    if max_new_tokens < 2:
+        raise ConfigError(f"--max-new-tokens must be at least 2, got {max_new_tokens}")
+    prompt = jnp.asarray(prompt, jnp.int32)
+    b, plen = prompt.shape
+    prefill, decode = make_generate(apply, config, b, plen, max_new_tokens, temperature)
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    pre, dec = [], []
+    for _ in range(repeats + 1):  # the first run compiles
+        t0 = time.perf_counter()
+        first, cache = jax.block_until_ready(prefill(params, prompt, k1))
+        t1 = time.perf_counter()
+        out = jax.block_until_ready(decode(params, first, cache, k2))
+        t2 = time.perf_counter()
+        pre.append(t1 - t0)
+        dec.append(t2 - t1)
+    decode_s = float(np.median(dec[1:]))
+    return np.asarray(out), {"prefill_s": float(np.median(pre[1:])), "decode_s": decode_s,
+                             "tokens_per_s": b * (max_new_tokens - 1) / decode_s}
+
+
+def _load(args):
+    """(model, tokenizer) from --hf / --ckpt (via the eval CLI's loader) or a fresh --config model."""
+    if args.config:
+        from flax import nnx
+
+        from .config import load_config
+        from .data import make_tokenizer
+        from .model import Transformer
+
+        cfg = load_config(args.config, args.overrides)
+        return Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed)), make_tokenizer(cfg.data.tokenizer)
+    from .eval import load_model
+
+    return load_model(args)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m qsparse_jax.generate", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf", help="HF model directory")
+    src.add_argument("--ckpt", help="training checkpoint directory (or one step of it)")
+    src.add_argument("--config", help="a config YAML: randomly initialized weights (speed only)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides (with --config)")
+    p.add_argument("--prompt", default="def fibonacci(n):")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch", type=int, default=1, help="copies of the prompt decoded together")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--sparsity", type=float, default=None, help="uniform top-K sparsity for the sparse run")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json (default: the model's)")
+    args = p.parse_args(argv)
+    from absl import logging as absl_logging
+
+    from .eval import with_sparsity
+
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        if args.overrides and not args.config:
+            raise ConfigError("key=value overrides need --config")
+        if args.batch < 1 or args.repeats < 1:
+            raise ConfigError("--batch and --repeats must be positive")
+        model, tok = _load(args)
+        sparse = (SparsityConfig.uniform(args.sparsity) if args.sparsity is not None else model.config.sparsity)
+        ids = tok.encode(args.prompt).astype(np.int32)
+        if len(ids) == 0:
+            raise ConfigError("--prompt is empty after tokenization")
+        prompt = np.tile(ids[None], (args.batch, 1))
+        runs = {"sparse": sparse, "dense": SparsityConfig()} if sparse.enabled else {"dense": SparsityConfig()}
+        results = {}
+        for name, sp in runs.items():
+            model.config.replace(sparsity=sp)  # validates S against this model
+            apply, params = with_sparsity(model, sp)
+            cfg = model.config.replace(sparsity=sp)
+            out, t = generate(apply, params, cfg, prompt, args.max_new_tokens, temperature=args.temperature,
+                              repeats=args.repeats)
+            results[name] = (out, t)
+    except ConfigError as e:  # DataError, HFError, CheckpointError are ConfigErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    first = next(iter(results))
+    print(f"{args.prompt}{tok.decode(results[first][0][0])}")
+    print(f"\n{'run':<8} {'prefill ms':>11} {'decode tok/s':>13}   (batch {args.batch}, {args.max_new_tokens} new tokens, "
+          f"{jax.devices()[0].platform})")
+    for name, (_, t) in results.items():
+        print(f"{name:<8} {t['prefill_s'] * 1e3:>11.2f} {t['tokens_per_s']:>13.1f}")
+    if len(results) == 2:
+        print(f"sparse / dense decode speed: {results['sparse'][1]['tokens_per_s'] / results['dense'][1]['tokens_per_s']:.3f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
