@@ -48,14 +48,23 @@ def import_hf(src: str, workdir: str) -> Path:
     return ckpt_dir
 
 
-def load_checkpoint_model(ckpt_path: str):
-    """(config, params, graphdef) of a training checkpoint directory (latest step) or one step of it."""
+def load_checkpoint_model(ckpt_path: str, mesh=None):
+    """(config, params, graphdef) of a training checkpoint directory (latest step) or one step of it.
+
+    Parameters are read straight into their shards on ``mesh`` (default: FSDP over every local
+    device), so no device ever holds a whole large model."""
+    import jax
+
     from . import checkpoint as ckpt
+    from .config import MeshConfig
+    from .sharding import make_mesh, state_shardings
 
     saved, step_dir = ckpt.read_config(ckpt_path)
     cfg = from_dict(Config, saved)
     graphdef, like = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
-    return cfg, ckpt.restore_params(step_dir, jax_zeros_like(like), what=""), graphdef
+    shardings = state_shardings(like, mesh or make_mesh(MeshConfig(data=1, fsdp=-1), jax.local_devices()))
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), like, shardings)
+    return cfg, ckpt.restore_params(step_dir, target, what=""), graphdef
 
 
 def export_hf(ckpt_path: str, dst: str, model_type: str | None = None, ternary: bool = False) -> Path:
@@ -67,14 +76,6 @@ def export_hf(ckpt_path: str, dst: str, model_type: str | None = None, ternary: 
         print("note: transformers runs the exported weights with dense activations (top-K is not part of its "
               "models); qsparse_jax.hf.load_pretrained restores the top-K sparsity", file=sys.stderr)
     return Path(dst)
-
-
-def jax_zeros_like(state):
-    """Concrete single-device arrays shaped like an abstract state (restore targets need shardings)."""
-    import jax
-    import jax.numpy as jnp
-
-    return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), state)
 
 
 def main(argv=None) -> int:
