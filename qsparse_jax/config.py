@@ -12,6 +12,7 @@ from .quant import WEIGHT_BITS
 from .sparsity import GRADS, RESCALES, keep_count
 
 ACTIVATIONS = ("relu2", "silu")
+KERNELS = ("off", "on", "xla", "pallas", "interpret")  # on: Pallas on GPU/TPU, XLA int8 path on CPU
 DTYPES = ("float32", "bfloat16")
 PROJECTION_GROUPS = ("qkv", "out", "gate_up", "down")
 
@@ -121,6 +122,7 @@ class ModelConfig:
     act_bits: int | None = None  # 8: per-token absmax int8 activations (Eq. 5–7)
     weight_bits: str | None = None  # "1.58" ternary (Eq. 9–10) or "1"
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    kernels: str = "off"  # projections through kernels.qsparse_matmul (1.58-bit weights, int8 activations)
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     init_std: float = 0.02
@@ -149,6 +151,13 @@ class ModelConfig:
                  f"model.weight_bits must be null or one of {WEIGHT_BITS}, got {self.weight_bits!r}")
         _require(self.sliding_window is None or self.sliding_window >= 1,
                  f"model.sliding_window must be a positive integer or null, got {self.sliding_window!r}")
+        _require(self.kernels in KERNELS, f"model.kernels must be one of {KERNELS}, got {self.kernels!r}")
+        if self.kernels != "off":
+            _require(self.weight_bits == "1.58" and self.act_bits == 8,
+                     "model.kernels needs a 1.58-bit model with int8 activations (weight_bits '1.58', act_bits 8), "
+                     f"got weight_bits {self.weight_bits!r}, act_bits {self.act_bits!r}")
+            _require(self.sparsity.rescale == "none" and self.sparsity.grad == "ste",
+                     "model.kernels implement rescale 'none' with the 'ste' gradient only")
         for name in ("dtype", "param_dtype"):
             _require(getattr(self, name) in DTYPES, f"model.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
         for name in ("norm_eps", "rope_theta", "init_std"):

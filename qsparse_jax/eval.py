@@ -121,11 +121,9 @@ def load_model(args) -> tuple[Transformer, object]:
 
 def with_sparsity(model: Transformer, sparsity: SparsityConfig) -> tuple:
     """(apply, params) of the same weights under another sparsity setting."""
-    cfg = model.config.replace(sparsity=sparsity)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    _, params = nnx.split(model)
-    apply = lambda p, t, **kw: nnx.merge(graphdef, p)(t, **kw)
-    return apply, params
+    from .model import functional, with_config
+
+    return functional(with_config(model, sparsity=sparsity))
 
 
 def main(argv=None) -> int:

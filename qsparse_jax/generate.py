@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import ConfigError, SparsityConfig
+from .config import KERNELS, ConfigError, SparsityConfig
 from .model import init_cache
 
 
@@ -110,11 +110,15 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--sparsity", type=float, default=None, help="uniform top-K sparsity for the sparse run")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--kernels", default="off", choices=KERNELS,
+                   help="1.58-bit models: decode through the packed int8 x ternary kernels (weights packed once)")
+    p.add_argument("--bits", type=float, default=2, choices=[2, 1.6], help="packed weight format with --kernels")
     p.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json (default: the model's)")
     args = p.parse_args(argv)
     from absl import logging as absl_logging
 
-    from .eval import with_sparsity
+    from .layers import pack_for_inference
+    from .model import functional, with_config
 
     absl_logging.set_verbosity(absl_logging.ERROR)
     try:
@@ -131,11 +135,12 @@ def main(argv=None) -> int:
         runs = {"sparse": sparse, "dense": SparsityConfig()} if sparse.enabled else {"dense": SparsityConfig()}
         results = {}
         for name, sp in runs.items():
-            model.config.replace(sparsity=sp)  # validates S against this model
-            apply, params = with_sparsity(model, sp)
-            cfg = model.config.replace(sparsity=sp)
-            out, t = generate(apply, params, cfg, prompt, args.max_new_tokens, temperature=args.temperature,
-                              repeats=args.repeats)
+            variant = with_config(model, sparsity=sp, kernels=args.kernels)  # validates S, kernels
+            if args.kernels != "off":
+                variant = pack_for_inference(variant, args.bits)
+            apply, params = functional(variant)
+            out, t = generate(apply, params, variant.config, prompt, args.max_new_tokens,
+                              temperature=args.temperature, repeats=args.repeats)
             results[name] = (out, t)
     except ConfigError as e:  # DataError, HFError, CheckpointError are ConfigErrors
         print(f"error: {e}", file=sys.stderr)
@@ -143,7 +148,7 @@ def main(argv=None) -> int:
     first = next(iter(results))
     print(f"{args.prompt}{tok.decode(results[first][0][0])}")
     print(f"\n{'run':<8} {'prefill ms':>11} {'decode tok/s':>13}   (batch {args.batch}, {args.max_new_tokens} new tokens, "
-          f"{jax.devices()[0].platform})")
+          f"kernels {args.kernels}, {jax.devices()[0].platform})")
     for name, (_, t) in results.items():
         print(f"{name:<8} {t['prefill_s'] * 1e3:>11.2f} {t['tokens_per_s']:>13.1f}")
     if len(results) == 2:

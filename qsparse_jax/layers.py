@@ -6,6 +6,7 @@ those names onto mesh axes, so no layer mentions a mesh.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -14,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from .config import ModelConfig, RopeScaling
+from .kernels import pack_ternary, qsparse_matmul
 from .quant import quantize_activations, quantize_weights
 from .sparsity import topk_sparsify
 
@@ -99,12 +101,44 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq, scale: float = 1.0) -> ja
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def kernel_linear(x: jax.Array, w: jax.Array, k: int | None, block_size: int | None, impl: str) -> jax.Array:
+    """``Q(Top_k(x)) @ Q_w(w)`` (Eq. 4, 8) through the packed int8 × ternary kernels, differentiable in
+    both: ``dx = g·Q_w(w)ᵀ`` (STE, Eq. 13) and ``dw = Q(Top_k(x))ᵀ·g`` — the fake-quant path's gradients."""
+    return qsparse_matmul(x, pack_ternary(w), k=k, block_size=block_size, impl=impl)
+
+
+def _kernel_linear_fwd(x, w, k, block_size, impl):
+    return kernel_linear(x, w, k, block_size, impl), (x, w)
+
+
+def _kernel_linear_bwd(k, block_size, impl, res, g):
+    x, w = res
+    xq = x if k is None else topk_sparsify(x, k, block_size=block_size)
+    xq = quantize_activations(xq).astype(jnp.float32)
+    g32 = g.astype(jnp.float32)
+    dx = jnp.einsum("...o,io->...i", g32, quantize_weights(w.astype(jnp.float32), "1.58"))
+    dw = jnp.einsum("...i,...o->io", xq, g32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+kernel_linear.defvjp(_kernel_linear_fwd, _kernel_linear_bwd)
+
+
+class PackedWeight(nnx.Variable):
+    """Inference-only packed ternary weight (``pack_for_inference``); not a trainable ``Param``."""
+
+
 class SparseLinear(nnx.Module):
     """``y = Q_w(W)ᵀ · Q(Top_k(norm(x)))`` — every piece optional (Q-Sparse Eq. 2, 4, 8).
 
     ``sparsify`` is the parameter-free input path (RMSNorm → top-K → int8 fake-quant); ``project`` is
     the matmul with (optionally ternary / 1-bit) weights. Projections that share an input (q/k/v,
     gate/up) call ``sparsify`` once and ``project`` each. The weight is stored [in, out].
+
+    With ``kernels`` on (1.58-bit weights, int8 activations) ``sparsify`` stops after the norm and
+    ``project`` runs top-K, int8 quantization and the int8 × ternary matmul in ``kernels.qsparse_matmul``;
+    after :func:`pack_for_inference` it reads the pre-packed 2-bit weight instead of packing per call.
     """
 
     def __init__(self, in_features: int, out_features: int, *, keep: int | None, cfg: ModelConfig,
@@ -117,21 +151,30 @@ class SparseLinear(nnx.Module):
         self.norm_eps = cfg.norm_eps
         self.act_bits = cfg.act_bits
         self.weight_bits = cfg.weight_bits
+        self.kernels = cfg.kernels
         self.dtype = _dtype(cfg.dtype)
         pdt = _dtype(cfg.param_dtype)
         w = cfg.init_std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, (in_features, out_features), pdt)
         self.weight = nnx.Param(w, logical_axes=axes)
         self.bias = nnx.Param(jnp.zeros((out_features,), pdt), logical_axes=(axes[1],)) if use_bias else None
+        self.packed = None
 
     def sparsify(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
         if self.input_norm:
             x = rms_norm(x, self.norm_eps)
+        return x if self.kernels != "off" else self._topk_quant(x)
+
+    def _topk_quant(self, x):
         if self.keep is not None:
             x = topk_sparsify(x, self.keep, block_size=self.block_size, rescale=self.rescale, grad=self.grad)
         if self.act_bits == 8:
             x = quantize_activations(x)  # max|x| survives top-K, so the order of the two does not matter
         return x
+
+    def zeros(self, xs: jax.Array) -> jax.Array:
+        """Zeros at the matmul input, for ``xs = sparsify(x)`` (the kernels sparsify inside)."""
+        return _zero_count(self._topk_quant(xs) if self.kernels != "off" else xs)
 
     def effective_weight(self) -> jax.Array:
         w = self.weight[...]
@@ -140,13 +183,31 @@ class SparseLinear(nnx.Module):
         return w.astype(self.dtype)
 
     def project(self, xs: jax.Array) -> jax.Array:
-        y = jnp.einsum("...i,io->...o", xs, self.effective_weight())
+        if self.kernels == "off":
+            y = jnp.einsum("...i,io->...o", xs, self.effective_weight())
+        else:
+            impl = "auto" if self.kernels == "on" else self.kernels
+            if self.packed is not None:
+                y = qsparse_matmul(xs, self.packed.get_value(), k=self.keep, block_size=self.block_size, impl=impl)
+            else:
+                y = kernel_linear(xs, self.weight[...], self.keep, self.block_size, impl)
+            y = y.astype(self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.project(self.sparsify(x))
+
+
+def pack_for_inference(model: nnx.Module, bits: float = 2) -> nnx.Module:
+    """A copy of ``model`` whose kernel-enabled projections read pre-packed ternary weights (2-bit, or
+    1.6-bit base 3): decoding then reads only the packed rows of the kept features (SEEDS §4)."""
+    model = nnx.clone(model)
+    for _, m in nnx.iter_modules(model):
+        if isinstance(m, SparseLinear) and m.kernels != "off":
+            m.packed = nnx.data(PackedWeight(pack_ternary(m.weight[...], bits)))
+    return model
 
 
 def _zero_count(x: jax.Array) -> jax.Array:
@@ -205,8 +266,8 @@ class Attention(nnx.Module):
             out = self.subln(out)
         os_ = self.wo.sparsify(out)
         if stats is not None:
-            stats["qkv"] = stats.get("qkv", 0.0) + _zero_count(xs)
-            stats["out"] = stats.get("out", 0.0) + _zero_count(os_)
+            stats["qkv"] = stats.get("qkv", 0.0) + self.wq.zeros(xs)
+            stats["out"] = stats.get("out", 0.0) + self.wo.zeros(os_)
         out = self.wo.project(os_)
         return out if cache is None else (out, cache)
 
@@ -231,8 +292,8 @@ class FeedForward(nnx.Module):
             h = self.subln(h)
         hs = self.w_down.sparsify(h)  # top-K after the activation (SiLU models too)
         if stats is not None:
-            stats["gate_up"] = stats.get("gate_up", 0.0) + _zero_count(xs)
-            stats["down"] = stats.get("down", 0.0) + _zero_count(hs)
+            stats["gate_up"] = stats.get("gate_up", 0.0) + self.w_gate.zeros(xs)
+            stats["down"] = stats.get("down", 0.0) + self.w_down.zeros(hs)
         return self.w_down.project(hs)
 
 

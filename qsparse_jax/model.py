@@ -65,6 +65,13 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> lis
             for _ in range(config.n_layers)]
 
 
+def with_config(model: Transformer, **changes) -> Transformer:
+    """The same weights under a changed config (sparsity, kernels, dtype: anything not shaping params)."""
+    cfg = model.config.replace(**changes)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    return nnx.merge(graphdef, nnx.state(model))
+
+
 # --- pure-functional form ------------------------------------------------------------------------
 
 def functional(model: nnx.Module) -> tuple[Callable[..., Any], nnx.State]:
