@@ -4,6 +4,8 @@
 same dense layer (and against a ``lax.top_k`` formulation, the obvious way to write it).
 ``python -m qsparse_jax.bench step --config configs/tiny.yaml``: a full train step with the config's
 sparsity against the same model dense.
+``python -m qsparse_jax.bench kernels [--quick]``: ``kernels.qsparse_matmul`` (top-K, int8, packed
+ternary weights) against a dense matmul, with bytes/s and the memory-bandwidth roofline.
 """
 
 from __future__ import annotations
@@ -114,6 +116,100 @@ def bench_step(args) -> int:
     return 0
 
 
+# --- kernels: int8 x packed ternary with top-K vs a dense matmul ---------------------------------
+
+def _memory_bandwidth(repeats: int) -> tuple[float, float]:
+    """(copy, read) bytes/s over a 256 MiB array, measured now: a copy (read + write, 2 bytes moved
+    per byte) and a sum (read only, what a weight-bound matmul does). The roofline uses the larger."""
+    a = jnp.arange(64 << 20, dtype=jnp.float32)  # 256 MiB
+    t = time_interleaved({"copy": jax.jit(lambda a: a + 1), "read": jax.jit(jnp.sum)}, (a,), repeats)
+    return 2 * a.nbytes / t["copy"], a.nbytes / t["read"]
+
+
+def _kernel_variants(x, wf, w, k, on_cpu, formulations):
+    """name -> (jitted fn, args, bytes of weights it must read)."""
+    from .kernels import qsparse_matmul, unpack_levels
+    from .kernels import reference as R
+
+    m, d = x.shape
+    n = wf.shape[1]
+    c = w.data.shape[1]
+    q, _ = R.quantize_input(x, None if k == d else k)
+    kept = int(jnp.sum(jnp.any(q != 0, axis=0)))
+    rows = min(d, m * k)
+    decode = k < d and m <= 8
+    out = {}
+    wb = wf.astype(jnp.bfloat16)
+    if on_cpu:
+        out["dense f32"] = (jax.jit(lambda x, w: x @ w), (x, wf), d * n * 4)
+    out["dense bf16"] = (jax.jit(lambda x, w: x.astype(jnp.bfloat16) @ w), (x, wb), d * n * 2)
+    impls = ("xla",) if on_cpu else ("pallas", "xla")
+    for impl in impls:
+        out[f"qsparse {impl}"] = (jax.jit(lambda x, w, impl=impl: qsparse_matmul(x, w, k=k, impl=impl)), (x, w),
+                                  (kept if decode else d) * c)
+    # the selection and quantization alone (inside every "qsparse" row): 31 counting passes over x
+    out["top-K + int8 of x"] = (jax.jit(lambda x: R.quantize_input(x, None if k == d else k)), (x,), 0)
+    if formulations:
+        idx, count = R.kept_rows(q, rows)
+        t8 = unpack_levels(w)
+        f = {
+            "acc: unpack all, int8 dot": (lambda q, w: R.accumulate_reference(q, w), (q, w), d * c),
+            "acc: unpack all, f32 dot": (lambda q, w: R.accumulate_f32(q, w), (q, w), d * c),
+            "acc: unpack all, bf16 dot": (lambda q, w: R.accumulate_f32(q, w, jnp.bfloat16), (q, w), d * c),
+            "acc: cached int8 t, int8 dot": (R.int8_dot, (q, t8), d * n),
+            "acc: cached int8 t, f32 dot": (lambda q, t: (q.astype(jnp.float32) @ t.astype(jnp.float32)), (q, t8), d * n),
+            "acc: chunked f32, all rows": (lambda q, w: R.accumulate_chunked(q, w), (q, w), d * c),
+        }
+        if decode:
+            f["acc: gather, int8 dot"] = (lambda q, w: R.accumulate_gathered(q, w, rows, jnp.int8), (q, w), kept * c)
+            f["acc: gather, f32 dot"] = (lambda q, w: R.accumulate_gathered(q, w, rows), (q, w), kept * c)
+            f["acc: gather, chunked f32"] = (lambda q, w, i, n_: R.accumulate_chunked(q, w, i, n_), (q, w, idx, count),
+                                             kept * c)
+        out.update({name: (jax.jit(fn), a, b) for name, (fn, a, b) in f.items()})
+    return out
+
+
+def bench_kernels(args) -> int:
+    from .kernels import pack_ternary
+
+    on_cpu = jax.default_backend() == "cpu"
+    formulations = on_cpu and not args.no_formulations
+    base = "dense f32" if on_cpu else "dense bf16"
+    configs = [(s, b, f) for s in args.shapes for b in args.batches for f in args.keeps]
+    print(f"kernels: quantize_activations(topk(x)) @ packed ternary w vs {base}; {machine()}", flush=True)
+    copy_bw, read_bw = _memory_bandwidth(args.repeats)
+    bw = max(copy_bw, read_bw)
+    print(f"memory bandwidth over 256 MiB: copy {copy_bw / 1e9:.1f} GB/s (read + write), read {read_bw / 1e9:.1f} GB/s;"
+          f" roofline ms = weight bytes / {bw / 1e9:.1f} GB/s; median of {args.repeats} interleaved calls;"
+          f" 'acc:' rows time only the integer accumulator (q given)", flush=True)
+    for i, ((d, n), m, keep) in enumerate(configs, 1):
+        k = keep_count(d, 1.0 - keep) if keep < 1 else d
+        kx, kw = jax.random.split(jax.random.key(i))
+        x = jax.random.normal(kx, (m, d), jnp.float32)
+        wf = jax.random.normal(kw, (d, n), jnp.float32) * d ** -0.5
+        w = pack_ternary(wf)
+        variants = _kernel_variants(x, wf, w, k, on_cpu, formulations)
+        t0 = time.perf_counter()
+        t = time_interleaved({name: (lambda f=f, a=a: f(*a)) for name, (f, a, _) in variants.items()}, (), args.repeats)
+        print(f"\n[{i}/{len(configs)}] {d}->{n}, batch {m}, keep {keep:.0%} (k={k}) ({time.perf_counter() - t0:.0f} s)")
+        print(f"{'variant':<32}{'ms':>10}{'weight MB':>11}{'GB/s':>8}{'roofline ms':>13}{'vs ' + base:>15}")
+        for name, (_, _, nbytes) in variants.items():
+            sec = t[name]
+            print(f"{name:<32}{sec * 1e3:>10.3f}{nbytes / 1e6:>11.2f}{nbytes / sec / 1e9:>8.2f}"
+                  f"{nbytes / bw * 1e3:>13.3f}{sec / t[base]:>15.3f}", flush=True)
+    return 0
+
+
+def _shape(s: str) -> tuple[int, int]:
+    try:
+        d, n = (int(v) for v in s.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must be INxOUT like 4096x11008, got {s!r}") from None
+    if d < 1 or n < 1:
+        raise argparse.ArgumentTypeError(f"shape sizes must be positive, got {s!r}")
+    return d, n
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m qsparse_jax.bench", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -130,7 +226,21 @@ def main(argv=None) -> int:
     st.add_argument("--config", default="configs/tiny.yaml")
     st.add_argument("--repeats", type=int, default=10)
     st.add_argument("overrides", nargs="*")
+    kn = sub.add_parser("kernels", help="qsparse_matmul (top-K, int8, packed ternary) vs a dense matmul")
+    kn.add_argument("--shapes", type=_shape, nargs="+", default=[(4096, 11008), (11008, 4096), (4096, 4096)])
+    kn.add_argument("--batches", type=int, nargs="+", default=[1, 8, 512])
+    kn.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.6, 0.4], help="kept fractions (1 - sparsity)")
+    kn.add_argument("--repeats", type=int, default=5)
+    kn.add_argument("--no-formulations", action="store_true", help="CPU: skip the accumulator formulations")
+    kn.add_argument("--quick", action="store_true", help="4096x4096, batches 1 and 8, keep 100%% and 40%%, 3 repeats")
     args = p.parse_args(argv)
+    if args.cmd == "kernels":
+        if args.quick:
+            args.shapes, args.batches, args.keeps, args.repeats = [(4096, 4096)], [1, 8], [1.0, 0.4], 3
+        if min(args.batches) < 1 or args.repeats < 1 or not all(0.0 < f <= 1.0 for f in args.keeps):
+            print("error: --batches and --repeats must be positive and --keeps in (0, 1]", file=sys.stderr)
+            return 2
+        return bench_kernels(args)
     if args.cmd == "step":
         from .config import ConfigError
 

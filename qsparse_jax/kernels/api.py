@@ -29,6 +29,7 @@ from .packing import PackedTernary, dequantize
 
 IMPLS = ("auto", "xla", "pallas", "interpret")
 DECODE_MAX_TOKENS = 8
+GATHER_MAX_UNION = 0.75  # XLA path: gather kept rows only below this expected fraction of rows
 
 
 def _validate(x, w, k, block_size, impl):
@@ -58,8 +59,12 @@ def _validate(x, w, k, block_size, impl):
 
 
 def _resolve(impl: str) -> str:
+    backend = jax.default_backend()
     if impl == "auto":
-        return "xla" if jax.default_backend() == "cpu" else "pallas"
+        return "pallas" if backend in ("gpu", "tpu") else "xla"
+    if impl == "pallas" and backend not in ("gpu", "tpu"):
+        raise ValueError(f"impl='pallas' needs a gpu or tpu backend, this one is {backend}; "
+                         f"allowed here: 'auto', 'xla', 'interpret'")
     return impl
 
 
@@ -70,17 +75,21 @@ def _accumulate(q, w: PackedTernary, k, block_size, impl):
     decode = kept < d and m <= DECODE_MAX_TOKENS
     rows = min(d, m * kept)
     if impl == "xla":
+        # gathering rows pays on CPU only while the tokens' kept sets together leave many rows out:
+        # the expected union is 1 − (1 − k/D)^M of the rows (measured: batch 1 yes, batch 8 no)
+        decode = decode and 1.0 - (1.0 - kept / d) ** m < GATHER_MAX_UNION
         # fastest measured CPU formulations (benchmarks/RESULTS.md, "kernels" section)
-        if decode:
-            return _ref.accumulate_gathered(q, w, rows)
-        return _ref.accumulate_f32(q, w) if d < _ref.F32_EXACT_MAX_D else _ref.accumulate_reference(q, w)
+        if d >= _ref.F32_EXACT_MAX_D:  # float32 sums would no longer be exact
+            return _ref.accumulate_reference(q, w)
+        if decode:  # XLA's int8 dot is slow for a few rows (a GEMV), fast for many (a GEMM)
+            return _ref.accumulate_chunked(q, w, *_ref.kept_rows(q, rows))
+        return _ref.accumulate_chunked(q, w) if m <= DECODE_MAX_TOKENS else _ref.accumulate_reference(q, w)
     interpret = impl == "interpret"
     if decode and (interpret or jax.default_backend() != "tpu"):
-        # Mosaic has no vector gather from a ref: on TPU decode takes the dense-row kernel (see report)
         idx, count = _ref.kept_rows(q, rows)
         qg = _ref.gather_columns(q, idx, count)
         acc = _pallas.gather_matmul(count[None], idx, qg, w.data, bits=w.bits, interpret=interpret)
-    else:
+    else:  # the batched kernel (also TPU decode: Mosaic has no vector gather from a ref)
         acc = _pallas.matmul(q, w.data, bits=w.bits, interpret=interpret)
     return _pallas.planes_to_columns(acc, w.out_features)
 

@@ -73,7 +73,20 @@ def _gather_kernel(n_ref, idx_ref, q_ref, w_ref, *rest, bits, bk):
         _accumulate_planes(o_ref, q_ref[...], w_ref[rows, :], bits)
 
 
-def _call(kernel, grid, in_specs, out_spec, out_shape, args, out_init, interpret, name):
+def _compiler_params(target, semantics):
+    """Triton on GPU (jax may default to Mosaic GPU, which these generic kernels do not target), Mosaic on TPU."""
+    if target == "gpu":
+        from jax.experimental.pallas import triton as pltriton
+
+        return pltriton.CompilerParams(num_warps=4, num_stages=3)
+    if target == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+
+        return pltpu.CompilerParams(dimension_semantics=semantics)
+    return None
+
+
+def _call(kernel, grid, in_specs, out_spec, out_shape, args, out_init, interpret, name, target, semantics):
     aliases = {}
     if out_init is not None:
         if out_init.shape != out_shape.shape or out_init.dtype != out_shape.dtype:
@@ -82,17 +95,19 @@ def _call(kernel, grid, in_specs, out_spec, out_shape, args, out_init, interpret
         args = (*args, out_init)
         in_specs = [*in_specs, pl.BlockSpec(memory_space=pl.ANY)]
     return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_spec, out_shape=out_shape,
-                          input_output_aliases=aliases, interpret=interpret, name=name)(*args)
+                          input_output_aliases=aliases, interpret=interpret, name=name,
+                          compiler_params=None if interpret else _compiler_params(target, semantics))(*args)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "bm", "bc", "bk", "interpret", "kernel"))
-def matmul(q, data, *, bits, bm=None, bc=128, bk=512, interpret=False, out_init=None, kernel=None):
+@functools.partial(jax.jit, static_argnames=("bits", "bm", "bc", "bk", "interpret", "kernel", "target"))
+def matmul(q, data, *, bits, bm=None, bc=128, bk=512, interpret=False, out_init=None, kernel=None, target=None):
     """Plane-major int32 ``[P, M, C]`` accumulator of int8 ``q [M, D]`` times packed ``data [D, C]``.
 
     Tiles: ``bm`` tokens (default: M rounded up to 16, at most 128), ``bc`` packed columns
     (= P·bc output columns), ``bk`` input features. Edges: q is zero-padded to whole tiles (small);
     the weight is not copied — its edge tiles may hold anything, which multiplies zeros (integers,
-    so exactly 0). ``kernel`` replaces the kernel body (tests use it to break the kernel on purpose)."""
+    so exactly 0). ``kernel`` replaces the kernel body (tests use it to break the kernel on purpose).
+    ``target``: ``"gpu"`` / ``"tpu"`` compiler parameters (default: the default backend's)."""
     m, d = q.shape
     c = data.shape[1]
     p = 4 if bits == 2 else 5
@@ -107,12 +122,14 @@ def matmul(q, data, *, bits, bm=None, bc=128, bk=512, interpret=False, out_init=
     out_spec = pl.BlockSpec((p, bm, bc), lambda i, j, l: (0, i, j))
     out_shape = jax.ShapeDtypeStruct((p, mp, c), jnp.int32)
     body = functools.partial(kernel or _matmul_kernel, bits=bits)
-    out = _call(body, grid, in_specs, out_spec, out_shape, (q, data), out_init, interpret, "qsparse_int8_ternary_matmul")
+    out = _call(body, grid, in_specs, out_spec, out_shape, (q, data), out_init, interpret, "qsparse_int8_ternary_matmul",
+                target or jax.default_backend(), ("parallel", "parallel", "arbitrary"))
     return out[:, :m]
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "bc", "bk", "interpret", "kernel"))
-def gather_matmul(count, idx, qg, data, *, bits, bc=128, bk=64, interpret=False, out_init=None, kernel=None):
+@functools.partial(jax.jit, static_argnames=("bits", "bc", "bk", "interpret", "kernel", "target"))
+def gather_matmul(count, idx, qg, data, *, bits, bc=128, bk=64, interpret=False, out_init=None, kernel=None,
+                  target=None):
     """Plane-major int32 ``[P, M, C]`` accumulator of ``qg [M, R]`` times the packed rows ``data[idx]``.
 
     ``idx`` int32 ``[R]`` lists the rows to read (first ``count`` valid; ``qg`` columns past ``count``
@@ -136,5 +153,5 @@ def gather_matmul(count, idx, qg, data, *, bits, bc=128, bk=64, interpret=False,
     out_shape = jax.ShapeDtypeStruct((p, mp, c), jnp.int32)
     body = functools.partial(kernel or _gather_kernel, bits=bits, bk=bk)
     out = _call(body, grid, in_specs, out_spec, out_shape, (count, idx, qg, data), out_init, interpret,
-                "qsparse_gather_ternary_matmul")
+                "qsparse_gather_ternary_matmul", target or jax.default_backend(), ("parallel", "arbitrary"))
     return out[:, :m]

@@ -23,7 +23,7 @@ from jax import lax
 
 from ..quant import activation_int8
 from ..sparsity import topk_sparsify
-from .packing import PackedTernary, unpack_levels
+from .packing import PackedTernary, unpack_levels, unpack_planes
 
 F32_EXACT_MAX_D = 1 << 17  # 128 · D < 2^24: float32 sums of the int8 × ternary products are exact
 
@@ -82,3 +82,35 @@ def accumulate_gathered(q: jax.Array, w: PackedTernary, rows: int, dtype=jnp.flo
     if dtype == jnp.int8:
         return accumulate_reference(qg, sub)
     return accumulate_f32(qg, sub, dtype)
+
+
+# --- the fastest CPU formulation found (benchmarks/RESULTS.md, "Kernels" section) --------------
+
+def accumulate_chunked(q: jax.Array, w: PackedTernary, idx: jax.Array | None = None, count: jax.Array | None = None,
+                       chunk: int = 128) -> jax.Array:
+    """Exact accumulator ``[M, out]`` (int32) unpacking ``chunk`` packed columns at a time.
+
+    XLA on CPU cannot fuse an unpack into its dot, and its int8 / bfloat16 dots are ~5× slower
+    than float32. So a ``scan`` over column chunks unpacks ``[R, P·chunk]`` float32 levels (small
+    enough to stay in cache) and feeds them to a float32 dot, exact for D < 2^17. With ``idx`` only
+    those packed rows are read (decode: the kept rows, see ``kept_rows``; columns of ``q`` past
+    ``count`` must be zero, ``gather_columns`` does that)."""
+    if idx is not None:
+        q = gather_columns(q, idx, count)
+        data = jnp.take(w.data, idx, axis=0)
+    else:
+        data = w.data
+    r, c = data.shape
+    m = q.shape[0]
+    n_chunks = -(-c // chunk)
+    blocks = jnp.pad(data, ((0, 0), (0, n_chunks * chunk - c))).reshape(r, n_chunks, chunk).transpose(1, 0, 2)
+    qf = q.astype(jnp.float32)
+
+    def step(_, blk):
+        t = jnp.concatenate([p.astype(jnp.float32) for p in unpack_planes(blk, w.bits)], axis=1)  # [R, P·chunk]
+        return None, lax.dot_general(qf, t, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+    _, out = lax.scan(step, None, blocks)  # [n_chunks, M, P·chunk], plane-major inside a chunk
+    p = len(unpack_planes(data[:1, :1], w.bits))
+    out = out.reshape(n_chunks, m, p, chunk).transpose(1, 2, 0, 3).reshape(m, p, n_chunks * chunk)[:, :, :c]
+    return out.reshape(m, p * c)[:, : w.out_features].astype(jnp.int32)
