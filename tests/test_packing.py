@@ -23,7 +23,7 @@ def _weight(seed, d, n):
 
 
 @pytest.mark.parametrize("bits", BITS)
-@settings(max_examples=8)
+@settings(max_examples=5)
 @given(d=st.integers(1, 40), n=st.integers(1, 70), seed=st.integers(0, 2**31))
 def test_round_trip_is_exact(bits, d, n, seed):
     t = _levels(seed, d, n)

@@ -81,9 +81,10 @@ def _accumulate(q, w: PackedTernary, k, block_size, impl):
         # fastest measured CPU formulations (benchmarks/RESULTS.md, "kernels" section)
         if d >= _ref.F32_EXACT_MAX_D:  # float32 sums would no longer be exact
             return _ref.accumulate_reference(q, w)
-        if decode:  # XLA's int8 dot is slow for a few rows (a GEMV), fast for many (a GEMM)
+        if decode:
             return _ref.accumulate_chunked(q, w, *_ref.kept_rows(q, rows))
-        return _ref.accumulate_chunked(q, w) if m <= DECODE_MAX_TOKENS else _ref.accumulate_reference(q, w)
+        # XLA's int8 dot is ~6x slower than float32 for one row (a GEMV), faster from a few rows (a GEMM)
+        return _ref.accumulate_chunked(q, w) if m == 1 else _ref.accumulate_reference(q, w)
     interpret = impl == "interpret"
     if decode and (interpret or jax.default_backend() != "tpu"):
         idx, count = _ref.kept_rows(q, rows)
