@@ -11,7 +11,11 @@ and needs no lane interleave; ``planes_to_columns`` turns it into ``[M, out]``.
 - ``gather_matmul``: decode (few tokens). Only the packed rows listed in ``idx`` (the features kept
   by any token) are read: each step gathers ``bk`` rows of a column tile (Triton: a gather load, so
   skipped rows are never read), multiplies by the matching int8 activations and accumulates.
-  Steps past ``count`` kept rows do nothing.
+  Steps past ``count`` kept rows do nothing. GPU (Triton) only: Mosaic has no vector gather from a
+  ref, so on TPU decode runs ``matmul`` (all rows; a per-row-DMA TPU kernel is future work).
+
+Both lower on a CPU host for CUDA (Triton IR, ``compiler_params`` pick Triton over Mosaic GPU) and
+``matmul`` for TPU (Mosaic), which the tests check; neither has been compiled or timed on a device yet.
 
 Each kernel zeroes its output tile at the first reduction step and accumulates into it; a tile that
 is never visited keeps whatever the output buffer held, which the tests poison (``out_init``).
