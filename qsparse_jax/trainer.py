@@ -299,6 +299,18 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+def _same_model(saved: dict | None, model) -> bool:
+    """Whether a checkpoint's saved model config is this run's: keys added since it was written take
+    their defaults, and ``kernels`` (same parameters, same gradients) may differ."""
+    from .config import ConfigError, ModelConfig, from_dict
+
+    try:
+        old = from_dict(ModelConfig, saved or {})
+    except ConfigError:
+        return False
+    return old.replace(kernels="off") == model.replace(kernels="off")
+
+
 def train(cfg: Config, workdir: str | Path, init_from: str | None = None, stop_after: int | None = None) -> dict:
     """Train ``cfg`` in ``workdir``, resuming from its latest checkpoint if there is one; returns the
     final metrics. User-facing failures raise ConfigError / DataError / CheckpointError /
@@ -328,7 +340,7 @@ def train(cfg: Config, workdir: str | Path, init_from: str | None = None, stop_a
     mngr = ckpt.manager(workdir / "checkpoints", cfg.checkpoint)
     if mngr.latest_step() is not None:
         state, data_state, saved = ckpt.restore(mngr, state)
-        if saved.get("model") != to_dict(cfg)["model"]:
+        if not _same_model(saved.get("model"), cfg.model):
             raise ckpt.CheckpointError(f"{workdir} holds a run with a different model config; use a new --workdir")
         batches.set_state(data_state)
         print(f"resumed from step {int(state['step'])} in {workdir / 'checkpoints'}", flush=True)

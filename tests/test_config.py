@@ -106,3 +106,18 @@ def test_openorca_fine_tuning_config_is_one_epoch_cosine_with_3_percent_warmup()
 def test_sft_options_are_validated(override, msg):
     with pytest.raises(ConfigError, match=msg):
         load_config(None, [override])
+
+
+def test_resume_accepts_checkpoints_saved_before_new_model_keys_and_rejects_other_models():
+    import dataclasses
+
+    from qsparse_jax.config import ModelConfig
+    from qsparse_jax.trainer import _same_model
+
+    m = ModelConfig(act_bits=8, weight_bits="1.58")
+    old = dataclasses.asdict(m)
+    del old["rope_scaling"], old["kernels"]  # written by an earlier version
+    assert _same_model(old, m)
+    assert _same_model(old, m.replace(kernels="on"))  # same parameters and gradients through the kernels
+    assert not _same_model({**old, "dim": 128}, m)
+    assert not _same_model({**old, "unknown_key": 1}, m)
