@@ -187,10 +187,11 @@ class SparseLinear(nnx.Module):
             y = jnp.einsum("...i,io->...o", xs, self.effective_weight())
         else:
             impl = "auto" if self.kernels == "on" else self.kernels
+            bs = self.block_size if self.keep is not None else None  # a dense group ignores the block size
             if self.packed is not None:
-                y = qsparse_matmul(xs, self.packed.get_value(), k=self.keep, block_size=self.block_size, impl=impl)
+                y = qsparse_matmul(xs, self.packed.get_value(), k=self.keep, block_size=bs, impl=impl)
             else:
-                y = kernel_linear(xs, self.weight[...], self.keep, self.block_size, impl)
+                y = kernel_linear(xs, self.weight[...], self.keep, bs, impl)
             y = y.astype(self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
