@@ -122,6 +122,14 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
         load_pretrained(tmp_path / "hf")
     with pytest.raises(HFError, match="no config.json in"):
         load_pretrained(tmp_path / "nowhere")
+    from safetensors.numpy import load_file, save_file
+
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, str(tmp_path / "hf" / "model.safetensors"))
+    with pytest.raises(HFError, match="missing tensor 'model.layers.1.mlp.down_proj.weight' in the checkpoint"):
+        load_pretrained(tmp_path / "hf")
 
 
 def test_import_continue_train_with_q_sparse_export_and_reload(tmp_path):
