@@ -122,6 +122,7 @@ class ModelConfig:
     act_bits: int | None = None  # 8: per-token absmax int8 activations (Eq. 5–7)
     weight_bits: str | None = None  # "1.58" ternary (Eq. 9–10) or "1"
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    remat: str = "none"  # activation checkpointing per block: none | full | dots (keep weight matmuls)
     kernels: str = "off"  # projections through kernels.qsparse_matmul (1.58-bit weights, int8 activations)
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
@@ -151,6 +152,7 @@ class ModelConfig:
                  f"model.weight_bits must be null or one of {WEIGHT_BITS}, got {self.weight_bits!r}")
         _require(self.sliding_window is None or self.sliding_window >= 1,
                  f"model.sliding_window must be a positive integer or null, got {self.sliding_window!r}")
+        _require(self.remat in ("none", "full", "dots"), f"model.remat must be one of none, full, dots, got {self.remat!r}")
         _require(self.kernels in KERNELS, f"model.kernels must be one of {KERNELS}, got {self.kernels!r}")
         if self.kernels != "off":
             _require(self.weight_bits == "1.58" and self.act_bits == 8,

@@ -44,8 +44,11 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(_dtype(cfg.dtype))
         stats: dict | None = {} if return_stats else None
         new_cache = []
+        run = _remat_block(cfg.remat) if cfg.remat != "none" and stats is None and cache is None else None
         for i, layer in enumerate(self.layers):
-            if cache is None:
+            if run is not None:
+                x = run(layer, x, positions, segment_ids)
+            elif cache is None:
                 x = layer(x, positions, segment_ids, stats)
             else:
                 x, c = layer(x, positions, segment_ids, stats, cache[i])
@@ -55,6 +58,20 @@ class Transformer(nnx.Module):
         logits = x @ head.astype(jnp.float32)
         out = (logits, stats) if return_stats else logits
         return out if cache is None else (out, new_cache)
+
+
+REMAT_POLICIES = {
+    # recompute everything in the backward pass: least memory
+    "full": None,
+    # keep matmul outputs without a batch dimension in the weights (MaxText's "minimal"-like policy)
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _remat_block(policy: str):
+    """``block(x, positions, segment_ids)`` under activation checkpointing (``jax.checkpoint``)."""
+    return nnx.remat(lambda layer, x, positions, segment_ids: layer(x, positions, segment_ids),
+                     policy=REMAT_POLICIES[policy])
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> list[dict]:
