@@ -301,14 +301,14 @@ class _StopRequest:
 
 def _same_model(saved: dict | None, model) -> bool:
     """Whether a checkpoint's saved model config is this run's: keys added since it was written take
-    their defaults, and ``kernels`` (same parameters, same gradients) may differ."""
+    their defaults; ``kernels`` and ``remat`` (same parameters, same gradients) may differ."""
     from .config import ConfigError, ModelConfig, from_dict
 
     try:
         old = from_dict(ModelConfig, saved or {})
     except ConfigError:
         return False
-    return old.replace(kernels="off") == model.replace(kernels="off")
+    return old.replace(kernels="off", remat="none") == model.replace(kernels="off", remat="none")
 
 
 def train(cfg: Config, workdir: str | Path, init_from: str | None = None, stop_after: int | None = None) -> dict:
