@@ -138,16 +138,30 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(corpus, 
     assert sorted(os.listdir(tmp_path / "w" / "checkpoints")) == ["2"]
 
 
-def test_two_processes_with_jax_distributed_match_one_process(corpus, tmp_path):
+@pytest.fixture(scope="module")
+def sft_corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sft") / "sft.jsonl"
+    rng = np.random.default_rng(1)
+    words = ["alpha", "beta", "gamma", "delta", "def", "return", "x", "y"]
+    lines = [json.dumps({"prompt": " ".join(rng.choice(words, 2)), "response": " ".join(rng.choice(words, 2))})
+             for _ in range(200)]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("task", ["lm", "sft"])
+def test_two_processes_with_jax_distributed_match_one_process(task, corpus, sft_corpus, tmp_path):
     """Multi-host: two local processes (one CPU device each) joined by jax.distributed on 127.0.0.1
-    train on a 2-device mesh, each feeding its half of every global batch."""
+    train on a 2-device mesh, each feeding its half of every global batch (LM windows, or packed SFT
+    rows with their segment ids and loss weights)."""
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    data = [f"data.source={sft_corpus}", "data.task=sft", "data.seq_len=64"] if task == "sft" else []
     args = ["--config", "configs/tiny.yaml", "--workdir", str(tmp_path / "multi"), "--distributed",
-            *SMALL, f"data.source={corpus}", "train.steps=3", "checkpoint.every=2"]
+            *SMALL, f"data.source={corpus}", "train.steps=3", "checkpoint.every=2", *data]
     procs = []
     for pid in range(2):
         env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
@@ -158,7 +172,7 @@ def test_two_processes_with_jax_distributed_match_one_process(corpus, tmp_path):
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    run(corpus, tmp_path / "single", "train.steps=3")
+    run(corpus, tmp_path / "single", "train.steps=3", *data)
     multi, single = losses(tmp_path / "multi"), losses(tmp_path / "single")
     np.testing.assert_allclose([multi[s] for s in (1, 2, 3)], [single[s] for s in (1, 2, 3)], atol=1e-5)
     assert sorted(os.listdir(tmp_path / "multi" / "checkpoints")) == ["2", "3"]
