@@ -122,6 +122,7 @@ class ModelConfig:
     act_bits: int | None = None  # 8: per-token absmax int8 activations (Eq. 5–7)
     weight_bits: str | None = None  # "1.58" ternary (Eq. 9–10) or "1"
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    scan_layers: bool = False  # one stacked Block under nnx.scan: compile time independent of depth
     remat: str = "none"  # activation checkpointing per block: none | full | dots (keep weight matmuls)
     kernels: str = "off"  # projections through kernels.qsparse_matmul (1.58-bit weights, int8 activations)
     dtype: str = "float32"  # compute dtype

@@ -1,6 +1,6 @@
 """Checkpoint conversion between Hugging Face directories and our orbax checkpoints.
 
-``python -m qsparse_jax.convert import-hf SRC WORKDIR``: an HF Llama / Mistral / Qwen2 directory →
+``python -m qsparse_jax.convert import-hf SRC WORKDIR [--scan-layers]``: an HF Llama / Mistral / Qwen2 directory →
 ``WORKDIR/checkpoints/0`` (parameters) plus ``WORKDIR/config.yaml`` (the model's config, and the
 model's ``tokenizer.json`` as data.tokenizer when it has one). Continue training it with
 ``train.py --config WORKDIR/config.yaml --init_from WORKDIR/checkpoints --workdir RUN model.sparsity.qkv=0.4 ...``.
@@ -23,12 +23,12 @@ from .config import Config, ConfigError, DataConfig, from_dict, to_dict
 from .model import Transformer
 
 
-def import_hf(src: str, workdir: str) -> Path:
+def import_hf(src: str, workdir: str, scan_layers: bool = False) -> Path:
     from . import checkpoint as ckpt
     from .hf import load_pretrained
     from .trainer import write_config
 
-    model = load_pretrained(src)
+    model = load_pretrained(src, scan_layers=scan_layers)
     out = Path(workdir)
     ckpt_dir = out / "checkpoints"
     if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
@@ -84,6 +84,8 @@ def main(argv=None) -> int:
     imp = sub.add_parser("import-hf", help="HF directory -> orbax checkpoint + config.yaml")
     imp.add_argument("src")
     imp.add_argument("workdir")
+    imp.add_argument("--scan-layers", action="store_true",
+                     help="stack the layers for model.scan_layers (compile time independent of depth)")
     exp = sub.add_parser("export-hf", help="orbax checkpoint -> HF directory")
     exp.add_argument("ckpt")
     exp.add_argument("dst")
@@ -96,7 +98,7 @@ def main(argv=None) -> int:
     absl_logging.set_verbosity(absl_logging.ERROR)
     try:
         if args.cmd == "import-hf":
-            out = import_hf(args.src, args.workdir)
+            out = import_hf(args.src, args.workdir, args.scan_layers)
         else:
             out = export_hf(args.ckpt, args.dst, args.model_type, args.ternary)
     except ConfigError as e:  # HFError and CheckpointError are ConfigErrors

@@ -194,6 +194,35 @@ class _Tensors:
         return np.asarray(sl[index] if index is not None else sl[:])
 
 
+def _tensor_reader(tensors: "_Tensors", names: dict, key: tuple, shape: tuple, pdt):
+    """``read(index)``: our parameter ``key`` (of ``shape``) from its HF tensor, all of it or one shard's
+    slice, after checking the stored shape."""
+    if key not in names:
+        raise HFError(f"no HF tensor maps to parameter {'/'.join(map(str, key))}")
+    name, transposed = names[key]
+    stored = tensors.shape(name)
+    packed = transposed and tensors.dtype(name) == "U8"  # a BitLinear's 2-bit ternary weight
+    if packed:
+        stored = (stored[0] * _PACK, *stored[1:])
+    want = tuple(reversed(shape)) if transposed else tuple(shape)
+    if stored != want:
+        raise HFError(f"tensor {name!r} has shape {list(stored)}, expected {list(want)} for this config")
+    unpacked = []
+
+    def read(index):
+        if packed:  # packing interleaves output rows, so unpack whole (once), then slice
+            if not unpacked:
+                unpacked.append(_bitnet_weight(tensors, name))
+            a = unpacked[0] if index is None else unpacked[0][tuple(reversed(index))]
+        elif index is None:
+            a = tensors.read(name)
+        else:  # read only this shard's slice
+            a = tensors.read(name, tuple(reversed(index)) if transposed else tuple(index))
+        return (a.T if transposed else a).astype(pdt)
+
+    return read
+
+
 def load_pretrained(path: str | Path, *, mesh=None, dtype: str | None = None, **overrides) -> Transformer:
     """A Transformer with an HF Llama / Mistral / Qwen2 checkpoint's weights (see module docstring)."""
     path = Path(path)
@@ -214,31 +243,18 @@ def load_pretrained(path: str | Path, *, mesh=None, dtype: str | None = None, **
         shardings = dict(nnx.to_flat_state(state_shardings(abstract, mesh)))
     flat = dict(nnx.to_flat_state(abstract))
     names = hf_names(cfg)
+    pdt = jnp.dtype(cfg.param_dtype)
     for key, var in flat.items():
-        if key not in names:
-            raise HFError(f"no HF tensor maps to parameter {'/'.join(map(str, key))}")
-        name, transposed = names[key]
-        shape = tensors.shape(name)
-        packed = transposed and tensors.dtype(name) == "U8"  # a BitLinear's 2-bit ternary weight
-        if packed:
-            shape = (shape[0] * _PACK, *shape[1:])
-        want = tuple(reversed(var.shape)) if transposed else tuple(var.shape)
-        if shape != want:
-            raise HFError(f"tensor {name!r} has shape {list(shape)}, expected {list(want)} for this config")
-        pdt = jnp.dtype(cfg.param_dtype)
+        if cfg.scan_layers and key[0] == "layers":  # stacked: one HF tensor per layer along axis 0
+            readers = [_tensor_reader(tensors, names, ("layers", i, *key[1:]), var.shape[1:], pdt)
+                       for i in range(cfg.n_layers)]
 
-        def read(index, name=name, transposed=transposed, packed=packed, cache={}):
-            if packed:  # packing interleaves output rows, so unpack whole, then slice
-                if name not in cache:
-                    cache[name] = _bitnet_weight(tensors, name)
-                a = cache[name]
-                a = a if index is None else a[tuple(reversed(index))]
-            elif index is None:
-                a = tensors.read(name)
-            else:  # read only this shard's slice
-                a = tensors.read(name, tuple(reversed(index)) if transposed else index)
-            return (a.T if transposed else a).astype(pdt)
-
+            def read(index, readers=readers):
+                if index is None:
+                    return np.stack([r(None) for r in readers])
+                return np.stack([r(index[1:]) for r in readers[index[0]]])
+        else:
+            read = _tensor_reader(tensors, names, key, var.shape, pdt)
         if shardings is None:
             value = jnp.asarray(read(None))
         else:
@@ -308,6 +324,17 @@ def hf_config(model: Transformer, model_type: str | None = None, ternary: bool =
     return out
 
 
+def _per_layer(c: ModelConfig, flat):
+    """(our per-layer key, float32 numpy array) of every parameter, unstacking ``scan_layers`` ones."""
+    for key, var in flat:
+        a = np.asarray(jax.device_get(var[...]), np.float32)
+        if c.scan_layers and key[0] == "layers":
+            for i in range(c.n_layers):
+                yield ("layers", i, *key[1:]), a[i]
+        else:
+            yield key, a
+
+
 def save_pretrained(model: Transformer, path: str | Path, *, model_type: str | None = None, ternary: bool = False):
     """Write ``config.json`` + ``model.safetensors`` loadable by transformers.
 
@@ -325,9 +352,8 @@ def save_pretrained(model: Transformer, path: str | Path, *, model_type: str | N
     _, state = nnx.split(model)
     names = hf_names(c)
     tensors = {}
-    for key, var in nnx.to_flat_state(state):
+    for key, a in _per_layer(c, nnx.to_flat_state(state)):
         name, transposed = names[key]
-        a = np.asarray(jax.device_get(var[...]), np.float32)
         if ternary and transposed and name != "lm_head.weight":  # the LM head stays full precision
             if a.shape[1] % _PACK:
                 raise HFError(f"ternary export packs {_PACK} output rows per byte: {name!r} has {a.shape[1]} outputs")

@@ -207,7 +207,9 @@ def pack_for_inference(model: nnx.Module, bits: float = 2) -> nnx.Module:
     model = nnx.clone(model)
     for _, m in nnx.iter_modules(model):
         if isinstance(m, SparseLinear) and m.kernels != "off":
-            m.packed = nnx.data(PackedWeight(pack_ternary(m.weight[...], bits)))
+            w = m.weight[...]
+            pack = lambda w: pack_ternary(w, bits)
+            m.packed = nnx.data(PackedWeight(jax.vmap(pack)(w) if w.ndim == 3 else pack(w)))  # scan_layers: stacked
     return model
 
 

@@ -24,7 +24,15 @@ class Transformer(nnx.Module):
         pdt = _dtype(config.param_dtype)
         emb = config.init_std * jax.random.normal(rngs.params(), (config.vocab_size, config.dim), pdt)
         self.embed = nnx.Param(emb, logical_axes=("vocab", "embed"))
-        self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layers)])
+        if config.scan_layers:  # one Block whose parameters carry a leading layer axis
+            @nnx.split_rngs(splits=config.n_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def stacked(rngs):
+                return Block(config, rngs=rngs)
+
+            self.layers = stacked(rngs)
+        else:
+            self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layers)])
         self.norm = RMSNorm(config.dim, config.norm_eps, param_dtype=pdt)
         if config.tie_embeddings:
             self.lm_head = None
@@ -39,20 +47,23 @@ class Transformer(nnx.Module):
         ``cache`` (:func:`init_cache`) the tokens continue the cached ones: returns ``(logits, cache)``."""
         cfg = self.config
         if positions is None:
-            start = 0 if cache is None else cache[0]["index"]
+            start = 0 if cache is None else (cache["index"][0] if cfg.scan_layers else cache[0]["index"])
             positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(_dtype(cfg.dtype))
         stats: dict | None = {} if return_stats else None
-        new_cache = []
         run = _remat_block(cfg.remat) if cfg.remat != "none" and stats is None and cache is None else None
-        for i, layer in enumerate(self.layers):
-            if run is not None:
-                x = run(layer, x, positions, segment_ids)
-            elif cache is None:
-                x = layer(x, positions, segment_ids, stats)
-            else:
-                x, c = layer(x, positions, segment_ids, stats, cache[i])
-                new_cache.append(c)
+        if cfg.scan_layers:
+            x, stats, new_cache = _scan_blocks(self.layers, x, positions, segment_ids, return_stats, cache, run)
+        else:
+            new_cache = []
+            for i, layer in enumerate(self.layers):
+                if run is not None:
+                    x = run(layer, x, positions, segment_ids)
+                elif cache is None:
+                    x = layer(x, positions, segment_ids, stats)
+                else:
+                    x, c = layer(x, positions, segment_ids, stats, cache[i])
+                    new_cache.append(c)
         x = self.norm(x).astype(jnp.float32)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         logits = x @ head.astype(jnp.float32)
@@ -74,12 +85,40 @@ def _remat_block(policy: str):
                      policy=REMAT_POLICIES[policy])
 
 
-def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> list[dict]:
-    """An empty KV cache: per layer ``k``, ``v`` zeros [batch, max_len, kv_heads, head_dim] and ``index`` 0."""
+def _scan_blocks(blocks, x, positions, segment_ids, return_stats: bool, cache, run):
+    """The stacked Block applied layer after layer with ``lax.scan`` over its split state (one traced
+    body, so compile time does not grow with depth): returns (x, stats summed over layers, new cache).
+    A plain ``lax.scan`` over ``nnx.split`` state, not ``nnx.scan``, so the model can itself be called
+    inside other JAX loops (the decode loop's scan) with closed-over parameters."""
+    graphdef, state = nnx.split(blocks)
+
+    def body(x, xs):
+        layer_state, layer_cache = xs
+        block = nnx.merge(graphdef, layer_state)
+        st = {} if return_stats else None
+        c = None
+        if layer_cache is not None:
+            x, c = block(x, positions, segment_ids, st, layer_cache)
+        elif run is not None:
+            x = run(block, x, positions, segment_ids)
+        else:
+            x = block(x, positions, segment_ids, st)
+        return x, (st, c)
+
+    x, (stats, new_cache) = jax.lax.scan(body, x, (state, cache))
+    if return_stats:
+        stats = {k: jnp.sum(v) for k, v in stats.items()}
+    return x, stats, new_cache
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None):
+    """An empty KV cache: per layer ``k``, ``v`` zeros [batch, max_len, kv_heads, head_dim] and ``index`` 0
+    (a list of per-layer dicts; with ``scan_layers`` one dict of arrays with a leading layer axis)."""
     dtype = dtype or _dtype(config.dtype)
     shape = (batch, max_len, config.kv_heads, config.head_size)
-    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.zeros((), jnp.int32)}
-            for _ in range(config.n_layers)]
+    layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.zeros((), jnp.int32)}
+              for _ in range(config.n_layers)]
+    return jax.tree.map(lambda *a: jnp.stack(a), *layers) if config.scan_layers else layers
 
 
 def with_config(model: Transformer, **changes) -> Transformer:

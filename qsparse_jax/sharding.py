@@ -64,6 +64,8 @@ def state_shardings(state: nnx.State, mesh: Mesh):
     def one(v):
         axes = v.get_metadata().get("logical_axes") if isinstance(v, nnx.Variable) else None
         shape = v.shape if isinstance(v, nnx.Variable) else np.shape(v)
+        if axes and len(shape) == len(axes) + 1:  # scan_layers: a leading layer axis, never sharded
+            axes = ("layers", *axes)
         spec = logical_to_spec(axes, shape, mesh) if axes else P()
         return v.replace(NamedSharding(mesh, spec)) if isinstance(v, nnx.Variable) else NamedSharding(mesh, spec)
 

@@ -109,6 +109,30 @@ def test_loading_onto_a_mesh_streams_into_shards(tmp_path):
     np.testing.assert_allclose(np.asarray(apply(params, jnp.asarray(TOKENS))), hf_logits(hf, TOKENS), atol=1e-4)
 
 
+def test_scan_layers_model_loads_onto_a_mesh_and_exports(tmp_path):
+    """A scan_layers model (parameters stacked on a layer axis) streams each layer's tensor slices into
+    its shards and writes per-layer HF tensors back."""
+    from qsparse_jax.config import MeshConfig
+    from qsparse_jax.sharding import make_mesh
+
+    hf = make_hf("qwen2", tmp_path / "hf")
+    model = load_pretrained(tmp_path / "hf", mesh=make_mesh(MeshConfig()), scan_layers=True)
+    apply, params = functional(model)
+    np.testing.assert_allclose(np.asarray(apply(params, jnp.asarray(TOKENS))), hf_logits(hf, TOKENS), atol=1e-4)
+    save_pretrained(model, tmp_path / "out")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").float()
+    np.testing.assert_allclose(hf_logits(reloaded.eval(), TOKENS), hf_logits(hf, TOKENS), atol=1e-5)
+    from qsparse_jax.convert import export_hf, import_hf  # the same through an orbax checkpoint
+
+    cfg_cls, model_cls, _ = KINDS["llama"]
+    byte_vocab = model_cls(cfg_cls(**{**SMALL, "vocab_size": 256})).float().eval()  # no tokenizer.json: bytes
+    byte_vocab.save_pretrained(tmp_path / "hf256")
+    import_hf(str(tmp_path / "hf256"), str(tmp_path / "ws"), scan_layers=True)
+    export_hf(str(tmp_path / "ws" / "checkpoints"), str(tmp_path / "back"))
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back", attn_implementation="eager").float()
+    np.testing.assert_allclose(hf_logits(back.eval(), TOKENS), hf_logits(byte_vocab, TOKENS), atol=1e-5)
+
+
 def test_bad_checkpoints_are_one_line_errors(tmp_path):
     make_hf("llama", tmp_path / "hf")
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())

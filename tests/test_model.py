@@ -222,3 +222,39 @@ def test_remat_recomputes_blocks_with_the_same_gradients(policy):
         np.testing.assert_allclose(b, a, atol=1e-7)
     remat = lambda jaxpr: jaxpr.count("remat") + jaxpr.count("checkpoint")  # the primitive's name varies by jax
     assert remat(jaxprs[0]) == 0 and remat(jaxprs[1]) >= 2  # one per block
+
+
+def _scanned_copy(model):
+    """The same weights as a ``scan_layers`` model (each Block's parameters stacked on a layer axis)."""
+    scan = Transformer(model.config.replace(scan_layers=True), rngs=nnx.Rngs(0))
+    pure, target = nnx.to_pure_dict(nnx.state(model)), nnx.state(scan)
+    layers = [pure["layers"][i] for i in range(model.config.n_layers)]
+    pure["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+    nnx.replace_by_pure_dict(target, pure)
+    nnx.update(scan, target)
+    return scan
+
+
+@pytest.mark.parametrize("kw", [dict(n_kv_heads=1, sliding_window=3), dict(remat="full"),
+                                dict(act_bits=8, weight_bits="1.58", kernels="xla")], ids=["gqa+window", "remat", "kernels"])
+def test_scan_over_layers_equals_the_python_loop(kw):
+    """nnx.scan over one stacked Block: same logits, gradients, sparsity statistics and KV-cache decoding."""
+    from qsparse_jax.model import init_cache
+
+    loop = Transformer(ModelConfig(dim=32, n_layers=3, n_heads=2, hidden_dim=64,
+                                   sparsity=SparsityConfig.uniform(0.3), **kw), rngs=nnx.Rngs(0))
+    scan = _scanned_copy(loop)
+    t = jax.random.randint(jax.random.key(0), (2, 7), 0, 256)
+    (la, lp), (sa, sp) = functional(loop), functional(scan)
+    np.testing.assert_allclose(jax.jit(sa)(sp, t), jax.jit(la)(lp, t), atol=1e-5)
+    gl = jax.jit(jax.grad(lambda p: jnp.mean(la(p, t) ** 2)))(lp)
+    gs = jax.jit(jax.grad(lambda p: jnp.mean(sa(p, t) ** 2)))(sp)
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.to_pure_dict(gl)["layers"][i] for i in range(3)])
+    for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(nnx.to_pure_dict(gs)["layers"])):
+        np.testing.assert_allclose(b, a, atol=1e-6)
+    assert measure_sparsity(scan, t) == pytest.approx(measure_sparsity(loop, t))
+    cache = init_cache(scan.config, 2, 8)
+    first, cache = jax.jit(sa)(sp, t[:, :4], cache=cache)
+    step, cache = jax.jit(sa)(sp, t[:, 4:5], cache=cache)
+    np.testing.assert_allclose(np.concatenate([first, step], 1), jax.jit(la)(lp, t[:, :5]), atol=1e-5)
+    assert nnx.state(scan)["layers"]["attn"]["wq"]["weight"].shape == (3, 32, 32)

@@ -43,12 +43,17 @@ def test_kernel_gradients_equal_the_fake_quant_gradients(sparsity):
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads[1]))
 
 
-@pytest.mark.parametrize("bits", [2, 1.6])
-def test_prepacked_weights_decode_the_same_tokens(bits):
+@pytest.mark.parametrize("bits, scan", [(2, False), (1.6, False), (2, True)], ids=["2bit", "1.6bit", "2bit-scan"])
+def test_prepacked_weights_decode_the_same_tokens(bits, scan):
     ref, kern = pair("xla", SPARSITY["qsparse"])
+    if scan:  # stacked layers: every layer's weight packed along the layer axis
+        from test_model import _scanned_copy
+
+        ref, kern = _scanned_copy(ref), with_config(_scanned_copy(ref), kernels="xla")
     packed = pack_for_inference(kern, bits)
-    w = nnx.state(packed)["layers"][0]["mlp"]["w_down"]["packed"].get_value()
-    assert w.data.dtype == jnp.uint8 and w.data.shape == (64, -(-32 // (4 if bits == 2 else 5)))
+    layer = nnx.state(packed)["layers"] if scan else nnx.state(packed)["layers"][0]
+    w = layer["mlp"]["w_down"]["packed"].get_value()
+    assert w.data.dtype == jnp.uint8 and w.data.shape[-2:] == (64, -(-32 // (4 if bits == 2 else 5)))
     prompt = np.asarray([[3, 1, 4, 1, 5]], np.int32)
     outs = [generate(*functional(m), m.config, prompt, 5)[0] for m in (ref, packed)]
     np.testing.assert_array_equal(outs[1], outs[0])

@@ -67,11 +67,13 @@ def run_on_8_devices(corpus, workdir, overrides, stop_after=None):
     assert out.returncode == 0, out.stderr[-3000:]
 
 
-@pytest.mark.parametrize("mesh", [["mesh.data=1", "mesh.fsdp=8"], ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]],
-                         ids=["fsdp8", "data2-fsdp2-tensor2"])
-def test_sharded_meshes_give_the_single_device_losses(corpus, tmp_path, mesh):
-    run(corpus, tmp_path / "one", "train.steps=4")
-    run_on_8_devices(corpus, tmp_path / "eight", mesh)
+@pytest.mark.parametrize("mesh, model", [
+    (["mesh.data=1", "mesh.fsdp=8"], []),
+    (["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], ["model.scan_layers=true", "model.n_layers=2", "model.remat=full"]),
+], ids=["fsdp8", "data2-fsdp2-tensor2-scan-remat"])
+def test_sharded_meshes_give_the_single_device_losses(corpus, tmp_path, mesh, model):
+    run(corpus, tmp_path / "one", "train.steps=4", *model)
+    run_on_8_devices(corpus, tmp_path / "eight", mesh + model)
     one, eight = losses(tmp_path / "one"), losses(tmp_path / "eight")
     np.testing.assert_allclose([eight[s] for s in range(1, 5)], [one[s] for s in range(1, 5)], atol=1e-5)
 
