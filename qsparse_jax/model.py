@@ -153,13 +153,20 @@ def _from_pure_dict(template: nnx.State, pure) -> nnx.State:
     return abstract
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None) -> jax.Array:
-    """Mean next-token negative log-likelihood in nats (float32)."""
+def nll_sum(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(Σ weight · next-token NLL in nats, Σ weight), float32; weights default to 1. Sums, so batches
+    and micro-batches combine exactly."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     if weights is None:
-        return jnp.mean(nll)
-    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+        return jnp.sum(nll), jnp.asarray(nll.size, jnp.float32)
+    return jnp.sum(nll * weights), jnp.sum(weights)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """Mean next-token negative log-likelihood in nats (float32), weighted when ``weights`` are given."""
+    total, n = nll_sum(logits, targets, weights)
+    return total / jnp.maximum(n, 1.0)
 
 
 # --- sparsity accounting (Q-Sparse Table 2) -------------------------------------------------------

@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 
 from .config import Config, OptimConfig, to_dict
-from .model import Transformer, activated_params, cross_entropy, projection_params, sparsity_from_zeros
+from .model import Transformer, activated_params, nll_sum, projection_params, sparsity_from_zeros
 from .sharding import batch_sharding, make_mesh, state_shardings
 
 
@@ -115,13 +115,9 @@ def split_batch(batch):
 
 
 def _nll_sum(apply, params, batch):
-    """(summed target NLL, number of targets counted): sums, so micro-batches combine exactly."""
+    """(summed target NLL, number of targets counted) of one batch (``model.nll_sum``)."""
     inputs, targets, kw, weights = split_batch(batch)
-    if weights is None:
-        weights = jnp.ones(targets.shape, jnp.float32)
-    logits = apply(params, inputs, **kw)
-    n = jnp.sum(weights)
-    return cross_entropy(logits, targets, weights) * jnp.maximum(n, 1.0), n
+    return nll_sum(apply(params, inputs, **kw), targets, weights)
 
 
 def make_train_step(s: Setup):
