@@ -1,11 +1,24 @@
-"""qsparse-jax: sparsely-activated (Q-Sparse) and 1.58-bit LLMs in JAX / Flax NNX."""
+"""qsparse-jax: sparsely-activated (Q-Sparse) and 1.58-bit LLMs in JAX / Flax NNX.
 
-from .config import ConfigError, ModelConfig, SparsityConfig
-from .model import Transformer, activated_params, cross_entropy, functional, measure_sparsity
-from .quant import quantize_activations, quantize_weights
-from .sparsity import keep_count, topk_mask, topk_sparsify
+Names are imported on first use, so command-line tools that never touch a device (``prepare``)
+do not pay for importing JAX.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "ModelConfig", "SparsityConfig", "Transformer", "activated_params", "cross_entropy",
-           "functional", "measure_sparsity", "quantize_activations", "quantize_weights", "keep_count", "topk_mask",
-           "topk_sparsify"]
+_EXPORTS = {"ConfigError": "errors", "ModelConfig": "config", "SparsityConfig": "config", "Transformer": "model",
+            "activated_params": "model", "cross_entropy": "model", "functional": "model",
+            "measure_sparsity": "model", "quantize_activations": "quant", "quantize_weights": "quant",
+            "keep_count": "sparsity", "topk_mask": "sparsity", "topk_sparsify": "sparsity"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'qsparse_jax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

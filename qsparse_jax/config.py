@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .errors import ConfigError
 from .quant import WEIGHT_BITS
 from .sparsity import GRADS, RESCALES, keep_count
 
@@ -15,10 +16,6 @@ ACTIVATIONS = ("relu2", "silu")
 KERNELS = ("off", "on", "xla", "pallas", "interpret")  # on: Pallas on GPU/TPU, XLA int8 path on CPU
 DTYPES = ("float32", "bfloat16")
 PROJECTION_GROUPS = ("qkv", "out", "gate_up", "down")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message is one line naming it."""
 
 
 def _require(ok: bool, msg: str):
@@ -211,30 +208,61 @@ SCHEDULES = ("cosine", "polynomial", "constant", "two_stage")
 
 
 @dataclass(frozen=True)
+class MixtureSource:
+    """One prepared corpus of a mixture and its sampling weight (weights are normalized)."""
+
+    source: str = ""
+    weight: float = 1.0
+    name: str | None = None  # in metrics; default: the directory's name
+
+    def __post_init__(self):
+        _require(bool(self.source), "data.mixture: every entry needs a source (a prepared directory)")
+        _require(self.weight > 0, f"data.mixture: weight must be positive, got {self.weight!r} for {self.source!r}")
+
+    @property
+    def label(self) -> str:
+        import os
+
+        return self.name or os.path.basename(os.path.normpath(self.source))
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where tokens come from. ``source: stdlib`` is the embedded corpus (the Python standard
-    library's own ``.py`` files), present on every machine; otherwise a file or directory of text,
-    JSONL (``text_field``) or ArrayRecord files."""
+    library's own ``.py`` files), present on every machine; a directory written by
+    ``python -m qsparse_jax.prepare`` (memory-mapped, nothing tokenized at start); or a file or
+    directory of text, JSONL (``text_field``), Parquet or ArrayRecord files, tokenized in memory at
+    start. ``mixture`` samples from several prepared directories in proportion to their weights."""
 
     source: str = "stdlib"
+    mixture: list[MixtureSource] = field(default_factory=list)
     task: str = "lm"  # lm: next-token on everything; sft: prompt/response or chat JSONL, loss on responses
-    format: str = "auto"  # auto | text | jsonl | arrayrecord
+    format: str = "auto"  # auto | text | jsonl | parquet | arrayrecord
     text_field: str = "text"
     tokenizer: str = "byte"  # byte, or a path to a HF tokenizer.json
     seq_len: int = 256
     batch_size: int = 16  # global, in sequences
     val_fraction: float = 0.02  # of documents, chosen by a hash of their name
     seed: int = 0
+    read_threads: int = 2  # grain threads reading batches ahead of the step
+    prefetch: int = 4  # batches buffered ahead of the step
 
     def __post_init__(self):
         _require(self.task in ("lm", "sft"), f"data.task must be one of lm, sft, got {self.task!r}")
-        _require(self.format in ("auto", "text", "jsonl", "arrayrecord"),
-                 f"data.format must be one of auto, text, jsonl, arrayrecord, got {self.format!r}")
+        _require(self.format in ("auto", "text", "jsonl", "parquet", "arrayrecord"),
+                 f"data.format must be one of auto, text, jsonl, parquet, arrayrecord, got {self.format!r}")
         for name in ("seq_len", "batch_size"):
             v = getattr(self, name)
             _require(v >= 1, f"data.{name} must be a positive integer, got {v!r}")
+        _require(self.read_threads >= 0, f"data.read_threads must be >= 0, got {self.read_threads!r}")
+        _require(self.prefetch >= 0, f"data.prefetch must be >= 0, got {self.prefetch!r}")
         _require(0.0 < self.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {self.val_fraction!r}")
         _require(bool(self.source), "data.source must name the corpus: 'stdlib' or a path")
+        if self.mixture:
+            _require(self.source == "stdlib", "set data.source or data.mixture, not both")
+            _require(self.task == "lm", "data.mixture is for data.task=lm")
+            labels = [m.label for m in self.mixture]
+            _require(len(set(labels)) == len(labels), f"data.mixture: names must differ, got {labels} (set name:)")
 
 
 @dataclass(frozen=True)
@@ -345,6 +373,10 @@ def _coerce(value, tp, key: str):
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value

@@ -3,167 +3,77 @@
 The default corpus is embedded in every Python install: the standard library's own ``.py`` sources.
 Documents are split into train / validation by a hash of their name (stable across runs and
 machines), tokenized (bytes by default, or any HF ``tokenizer.json``), joined with a separator token
-and cut into windows of ``seq_len + 1`` tokens. A grain ``MapDataset`` shuffles windows with a seed,
-shards them over hosts and batches them; batch ``i`` is a pure function of ``(seed, i)``, so the
-iterator state saved in checkpoints is one integer and a resumed run sees exactly the same batches.
+and cut into windows of ``seq_len + 1`` tokens. Large corpora are tokenized once by
+``python -m qsparse_jax.prepare`` and memory-mapped here (``token_shards.py``); several prepared
+corpora can be mixed by weight (``Mixture``). A grain ``MapDataset`` shuffles windows with a seed,
+gives each host its rows of every global batch and reads them ahead in threads; batch ``i`` is a pure
+function of ``(seed, i)``, so the iterator state saved in checkpoints is one integer and a resumed run
+sees exactly the same batches.
 """
 
 from __future__ import annotations
 
-import json
-import sysconfig
-import zlib
+import functools
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import grain
 import jax
 import numpy as np
 
-from .config import ConfigError, DataConfig
+from .config import DataConfig
+from .corpus import TEXT_SUFFIXES, file_format, is_validation, read_documents, read_text, stdlib_files, stdlib_root
+from .token_shards import ShardedTokens, is_prepared, read_manifest
+from .tokenizer import ByteTokenizer, DataError, HFTokenizer, make_tokenizer
 
-TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text"}
-
-
-class DataError(ConfigError):
-    """A data source is missing, empty or unreadable (one line)."""
-
-
-# --- tokenizers ----------------------------------------------------------------------------------
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens (vocab 256); byte 0 separates documents."""
-
-    vocab_size = 256
-    separator = 0
-
-    def encode(self, text: str) -> np.ndarray:
-        return np.frombuffer(text.encode("utf-8", errors="replace"), np.uint8)
-
-    def decode(self, ids) -> str:
-        return bytes(np.asarray(ids, np.uint8).tolist()).decode("utf-8", errors="replace")
-
-
-class HFTokenizer:
-    """A Hugging Face ``tokenizer.json`` through the ``tokenizers`` library (no download)."""
-
-    def __init__(self, path: str):
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise DataError("data.tokenizer names a tokenizer.json but the 'tokenizers' package is not installed") from None
-        try:
-            self._tok = Tokenizer.from_file(path)
-        except Exception as e:  # tokenizers raises its own Exception type
-            raise DataError(f"cannot load tokenizer {path}: {str(e).splitlines()[0]}") from None
-        self.vocab_size = self._tok.get_vocab_size()
-        eos = next((t for t in ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>") if self._tok.token_to_id(t) is not None), None)
-        self.separator = self._tok.token_to_id(eos) if eos else 0
-
-    def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
-
-    def decode(self, ids) -> str:
-        return self._tok.decode([int(i) for i in ids])
-
-
-def make_tokenizer(spec: str):
-    if spec == "byte":
-        return ByteTokenizer()
-    if not Path(spec).is_file():
-        raise DataError(f"data.tokenizer: no such file {spec!r} (use 'byte' or a path to tokenizer.json)")
-    return HFTokenizer(spec)
+_read_text = read_text  # sft.py's name for it
+__all__ = ["ByteTokenizer", "DataError", "HFTokenizer", "TEXT_SUFFIXES", "is_validation", "iter_documents",
+           "make_tokenizer", "stdlib_files", "tokenize_corpus", "load_splits", "train_dataset", "val_batches"]
 
 
 # --- documents -----------------------------------------------------------------------------------
 
-def stdlib_files() -> list[Path]:
-    """The standard library's ``.py`` files (site-packages excluded), sorted by relative path."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = [f for f in root.rglob("*.py") if "site-packages" not in f.parts and "dist-packages" not in f.parts]
-    return sorted(files, key=lambda f: f.relative_to(root).as_posix())
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8", errors="replace")
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror}") from None
-
-
-def _jsonl_documents(path: Path, field: str) -> Iterator[tuple[str, str]]:
-    for i, line in enumerate(_read_text(path).splitlines()):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
-            raise DataError(f"{path}:{i + 1}: expected an object with a string field '{field}'")
-        yield f"{path}:{i + 1}", rec[field]
-
-
-def _arrayrecord_documents(path: Path, field: str) -> Iterator[tuple[str, str]]:
-    source = grain.sources.ArrayRecordDataSource([str(path)])
-    for i in range(len(source)):
-        raw = source[i]
-        try:
-            text = raw.decode("utf-8")
-            if text.lstrip().startswith("{"):
-                text = json.loads(text)[field]
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(f"{path} record {i}: expected UTF-8 text or a JSON object with '{field}'") from None
-        yield f"{path}#{i}", text
-
-
 def _file_format(path: Path, fmt: str) -> str:
     if fmt != "auto":
         return fmt
-    if path.suffix == ".jsonl":
-        return "jsonl"
-    if path.suffix in (".arrayrecord", ".array_record") or ".array_record" in path.name:
-        return "arrayrecord"
-    return "text"
+    return file_format(path) or "text"
 
 
 def iter_documents(cfg: DataConfig) -> Iterator[tuple[str, str]]:
-    """(name, text) for every document of the configured corpus, in a fixed order."""
+    """(name, text) for every document of the configured corpus, in a fixed order, streamed."""
     if cfg.source == "stdlib":
-        root = Path(sysconfig.get_paths()["stdlib"])
+        root = stdlib_root()
         for f in stdlib_files():
-            yield f.relative_to(root).as_posix(), _read_text(f)
+            yield f.relative_to(root).as_posix(), read_text(f)
         return
     src = Path(cfg.source)
     if not src.exists():
         raise DataError(f"data.source: no such file or directory: {cfg.source}")
     files = sorted(p for p in src.rglob("*") if p.is_file()) if src.is_dir() else [src]
     if src.is_dir() and cfg.format == "auto":
-        files = [p for p in files if p.suffix in TEXT_SUFFIXES | {".jsonl", ".arrayrecord", ".array_record"}]
+        files = [p for p in files if file_format(p) is not None]
     for f in files:
-        fmt = _file_format(f, cfg.format)
-        if fmt == "jsonl":
-            yield from _jsonl_documents(f, cfg.text_field)
-        elif fmt == "arrayrecord":
-            yield from _arrayrecord_documents(f, cfg.text_field)
-        else:
-            yield str(f), _read_text(f)
-
-
-def is_validation(name: str, fraction: float) -> bool:
-    """Stable split: a document is validation when a CRC of its name falls below the fraction."""
-    return zlib.crc32(name.encode()) % 1_000_000 < fraction * 1_000_000
+        yield from read_documents(f, _file_format(f, cfg.format), cfg.text_field)
 
 
 # --- packing and batching ------------------------------------------------------------------------
 
 @dataclass
 class TokenSplits:
-    train: np.ndarray
-    val: np.ndarray
+    """Train / validation token streams: 1-D arrays (in memory), ``ShardedTokens`` (a prepared
+    corpus), packed SFT rows (dicts), or for a mixture a ``Mixture`` of rows with one validation
+    stream per source (``val_by_source``, averaged with ``weights``)."""
+
+    train: Any
+    val: Any
     vocab_size: int
     n_docs: tuple[int, int]
+    val_by_source: dict[str, Any] | None = None
+    weights: dict[str, float] | None = None
+    mixture: "Mixture | None" = None
+    train_tokens: int | None = None  # when ``train`` has no length (a mixture)
 
 
 def tokenize_corpus(cfg: DataConfig, tokenizer=None) -> TokenSplits:
@@ -225,12 +135,6 @@ def _stack(items: list):
     return np.stack(items).astype(np.int32)
 
 
-def _slice(batch, start: int, size: int):
-    if isinstance(batch, dict):
-        return {k: np.asarray(v[start:start + size]) for k, v in batch.items()}
-    return np.asarray(batch[start:start + size], np.int32)
-
-
 def _host_batch(global_batch: int) -> int:
     n = jax.process_count()
     if global_batch % n:
@@ -238,21 +142,155 @@ def _host_batch(global_batch: int) -> int:
     return global_batch // n
 
 
-def train_dataset(tokens, cfg: DataConfig) -> grain.MapDataset:
-    """Shuffled (seeded), repeated, host-sharded batches of this host's share of the global batch.
+# --- loading -------------------------------------------------------------------------------------
 
-    ``tokens``: an LM token stream (batches are int32 [B, seq_len + 1]) or packed SFT rows (batches
-    are dicts of such arrays, see ``sft.py``)."""
-    windows = batch_source(tokens, cfg.seq_len)
-    if len(windows) < cfg.batch_size:
-        raise DataError(f"the training split has {len(windows)} rows of {cfg.seq_len + 1} tokens, fewer than "
-                        f"data.batch_size={cfg.batch_size}: use more text or a shorter data.seq_len")
-    ds = grain.MapDataset.source(windows).shuffle(seed=cfg.seed).repeat(None)
-    # every host reads a disjoint slice of each global batch
+def load_splits(cfg: DataConfig) -> TokenSplits:
+    """The configured corpus: a mixture, a prepared directory (memory-mapped), SFT examples, or
+    documents tokenized in memory (the embedded ``stdlib`` default and small corpora)."""
+    if cfg.task == "sft":
+        from .sft import load_sft
+
+        s = load_sft(cfg)
+        return TokenSplits(s.train, s.val, s.vocab_size, s.n_docs)
+    if cfg.mixture:
+        return _mixture_splits(cfg)
+    if cfg.source != "stdlib" and is_prepared(cfg.source):
+        return _prepared_splits(cfg.source, cfg)
+    return tokenize_corpus(cfg)
+
+
+def _prepared_splits(path: str, cfg: DataConfig) -> TokenSplits:
+    m = read_manifest(path)
+    tok = m["tokenizer"]
+    mine = "byte" if cfg.tokenizer == "byte" else make_tokenizer(cfg.tokenizer).fingerprint()
+    if mine != tok["fingerprint"]:
+        raise DataError(f"{path} was prepared with tokenizer {tok['spec']} ({tok['fingerprint'][:19]}), not "
+                        f"data.tokenizer={cfg.tokenizer}: set data.tokenizer="
+                        + ("byte" if tok["fingerprint"] == "byte" else str(Path(path) / "tokenizer.json")))
+    train, val = ShardedTokens(path, "train", m), ShardedTokens(path, "val", m)
+    if len(val) == 0:
+        raise DataError(f"{path} has no validation documents (prepared with --val_fraction {m['val_fraction']}); "
+                        "prepare it again with a larger --val_fraction")
+    if abs(cfg.val_fraction - m["val_fraction"]) > 1e-12:
+        print(f"note: data.val_fraction={cfg.val_fraction} does not apply to {path}: its split was made by prepare "
+              f"(--val_fraction {m['val_fraction']})", file=sys.stderr, flush=True)
+    docs = (m["splits"]["train"]["documents"], m["splits"]["val"]["documents"])
+    return TokenSplits(train, val, tok["vocab_size"], docs)
+
+
+def _mixture_splits(cfg: DataConfig) -> TokenSplits:
+    parts = {}
+    for ms in cfg.mixture:
+        if not is_prepared(ms.source):
+            raise DataError(f"data.mixture: {ms.source} is not a prepared corpus (run python -m qsparse_jax.prepare)")
+        parts[ms.label] = _prepared_splits(ms.source, cfg)
+    total = sum(ms.weight for ms in cfg.mixture)
+    weights = {ms.label: ms.weight / total for ms in cfg.mixture}
+    sources = []
+    for k, (name, sp) in enumerate(parts.items()):
+        windows = Windows(sp.train, cfg.seq_len)
+        if len(windows) == 0:
+            raise DataError(f"data.mixture: {name} has fewer than data.seq_len + 1 = {cfg.seq_len + 1} train tokens")
+        sources.append(_shuffled_rows(windows, (cfg.seed + 7919 * (k + 1)) % (1 << 31)))
+    mix = Mixture(sources, list(weights.values()), cfg.seed)
+    docs = tuple(sum(sp.n_docs[i] for sp in parts.values()) for i in (0, 1))
+    return TokenSplits(mix, None, max(sp.vocab_size for sp in parts.values()), docs,
+                       val_by_source={n: sp.val for n, sp in parts.items()}, weights=weights, mixture=mix,
+                       train_tokens=sum(len(sp.train) for sp in parts.values()))
+
+
+# --- mixtures ------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=64)
+def _block_perm(seed: int, block: int, size: int) -> np.ndarray:
+    return np.random.default_rng([seed, block]).permutation(size)
+
+
+class Mixture:
+    """Rows drawn from several sources in fixed proportions, as a pure function of the row index.
+
+    Rows are grouped in blocks of ``BLOCK``; each block holds exactly ``q_m`` rows of source m
+    (``q = BLOCK · w`` rounded by largest remainder) in a seeded random order, and source m's rows
+    are taken in its own (shuffled) order: global row ``r`` in block ``b`` at position ``p`` is row
+    ``b · q_m + (π_b(p) − start_m)`` of the source m whose slot range holds ``π_b(p)``. So any row,
+    and the rows of each source among the first R, are computed without replaying the stream:
+    exactly resumable, and each host reads only its own rows. (grain's ``MapDataset.mix`` interleaves
+    in a fixed pattern; this is the same contract with a random interleaving.)"""
+
+    BLOCK = 1000
+
+    def __init__(self, sources: list, weights: list[float], seed: int):
+        w = np.asarray(weights, np.float64) / np.sum(weights)
+        raw = w * self.BLOCK
+        quota = np.floor(raw).astype(np.int64)
+        quota[np.argsort(-(raw - quota), kind="stable")[:self.BLOCK - quota.sum()]] += 1
+        if (quota == 0).any():
+            raise DataError(f"data.mixture: every weight must be at least 1/{self.BLOCK} of the total, got {list(w)}")
+        self.sources, self.quota, self.seed = sources, quota, seed
+        self.start = np.concatenate([[0], np.cumsum(quota)])
+
+    def __len__(self):
+        return sys.maxsize
+
+    def locate(self, r: int) -> tuple[int, int]:
+        b, p = divmod(int(r), self.BLOCK)
+        slot = int(_block_perm(self.seed, b, self.BLOCK)[p])
+        m = int(np.searchsorted(self.start, slot, side="right")) - 1
+        return m, b * int(self.quota[m]) + slot - int(self.start[m])
+
+    def __getitem__(self, r):
+        m, j = self.locate(r)
+        return self.sources[m][j]
+
+    def counts(self, n_rows: int) -> np.ndarray:
+        """Rows of each source among global rows ``[0, n_rows)``."""
+        b, p = divmod(int(n_rows), self.BLOCK)
+        head = _block_perm(self.seed, b, self.BLOCK)[:p]
+        return b * self.quota + np.asarray([np.sum((head >= lo) & (head < hi))
+                                            for lo, hi in zip(self.start[:-1], self.start[1:])])
+
+
+# --- batches -------------------------------------------------------------------------------------
+
+def _shuffled_rows(rows, seed: int) -> grain.MapDataset:
+    """``rows`` in a seeded random order, repeated forever (grain's index shuffle: nothing is read)."""
+    return grain.MapDataset.source(rows).shuffle(seed=seed).repeat(None)
+
+
+class HostBatches:
+    """Batch ``i`` of this host: rows ``i·B + start + [0, per_host)`` of an endless row source, so a
+    host reads (and pages in) only its own rows of each global batch."""
+
+    def __init__(self, rows, batch_size: int, start: int, per_host: int):
+        self.rows, self.batch_size, self.start, self.per_host = rows, batch_size, start, per_host
+
+    def __len__(self):
+        return sys.maxsize // self.batch_size
+
+    def __getitem__(self, i):
+        base = int(i) * self.batch_size + self.start
+        return _stack([self.rows[base + j] for j in range(self.per_host)])
+
+
+def train_dataset(tokens, cfg: DataConfig) -> grain.IterDataset:
+    """Shuffled (seeded), repeated batches of this host's share of the global batch, read ahead by
+    ``data.read_threads`` threads into a buffer of ``data.prefetch`` batches. Batch ``i`` is a pure
+    function of (seed, i); the iterator's state (``get_state``) is the next batch index.
+
+    ``tokens``: an LM token stream (batches are int32 [B, seq_len + 1]), packed SFT rows (batches
+    are dicts of such arrays, see ``sft.py``) or a ``Mixture``."""
+    if isinstance(tokens, Mixture):
+        rows = tokens
+    else:
+        windows = batch_source(tokens, cfg.seq_len)
+        if len(windows) < cfg.batch_size:
+            raise DataError(f"the training split has {len(windows)} rows of {cfg.seq_len + 1} tokens, fewer than "
+                            f"data.batch_size={cfg.batch_size}: use more text or a shorter data.seq_len")
+        rows = _shuffled_rows(windows, cfg.seed)
     per_host = _host_batch(cfg.batch_size)
-    ds = ds.batch(cfg.batch_size, drop_remainder=True)
-    start = jax.process_index() * per_host
-    return ds.map(lambda b: _slice(b, start, per_host))
+    batches = HostBatches(rows, cfg.batch_size, jax.process_index() * per_host, per_host)
+    options = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch)
+    return grain.MapDataset.source(batches).to_iter_dataset(options)
 
 
 def val_batches(tokens, cfg: DataConfig, n_batches: int) -> list:

@@ -312,25 +312,28 @@ def train(cfg: Config, workdir: str | Path, init_from: str | None = None, stop_a
     final metrics. User-facing failures raise ConfigError / DataError / CheckpointError /
     TrainingError with one-line messages. ``stop_after`` simulates a preemption signal after that step."""
     from . import checkpoint as ckpt
-    from .data import DataError, batch_source, tokenize_corpus, train_dataset, val_batches
+    from .data import DataError, batch_source, load_splits, train_dataset, val_batches
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    if cfg.data.task == "sft":
-        from .sft import load_sft
-
-        splits = load_sft(cfg.data)
-    else:
-        splits = tokenize_corpus(cfg.data)
+    splits = load_splits(cfg.data)
     if splits.vocab_size > cfg.model.vocab_size:
-        raise DataError(f"the tokenizer has {splits.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")
+        raise DataError(f"the tokenizer of data.source has {splits.vocab_size} tokens but model.vocab_size="
+                        f"{cfg.model.vocab_size}")
     if cfg.train.epochs is not None:  # e.g. SFT recipes: "1 epoch"
+        if splits.mixture is not None:
+            raise DataError("train.epochs needs one data.source: a mixture has no epoch; set train.steps")
         rows = len(batch_source(splits.train, cfg.data.seq_len))
         steps = max(1, math.ceil(cfg.train.epochs * rows / cfg.data.batch_size))
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
         print(f"train.epochs={cfg.train.epochs:g} over {rows} rows of {cfg.data.seq_len + 1} tokens: {steps} steps",
               flush=True)
-    train_tokens = int(np.sum(splits.train["segment_ids"] > 0)) if cfg.data.task == "sft" else len(splits.train)
+    if cfg.data.task == "sft":
+        train_tokens = int(np.sum(splits.train["segment_ids"] > 0))
+    elif splits.train_tokens is not None:
+        train_tokens = splits.train_tokens
+    else:
+        train_tokens = len(splits.train)
     s, state = setup(cfg)
     batches = iter(train_dataset(splits.train, cfg.data))
     mngr = ckpt.manager(workdir / "checkpoints", cfg.checkpoint)
@@ -344,7 +347,8 @@ def train(cfg: Config, workdir: str | Path, init_from: str | None = None, stop_a
         state["params"] = ckpt.restore_params(init_from, state["params"])
         print(f"initialized parameters from {init_from}", flush=True)
     write_config(workdir, cfg)
-    val = val_batches(splits.val, cfg.data, cfg.train.eval_batches)
+    vals = {name: val_batches(v, cfg.data, cfg.train.eval_batches)
+            for name, v in (splits.val_by_source or {"": splits.val}).items()}
     step_fn, eval_fn, stats_fn = make_train_step(s), make_eval_step(s), make_stats_step(s)
     schedule = lr_schedule(cfg.optim, cfg.train.steps)
     log = MetricsLog(workdir)
@@ -354,14 +358,15 @@ def train(cfg: Config, workdir: str | Path, init_from: str | None = None, stop_a
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     peak = peak_flops(jax.devices()[0])
     n_dev = jax.device_count()
+    what = "examples" if cfg.data.task == "sft" else "documents"
     print(f"training steps {start}..{total} on {n_dev} {jax.devices()[0].platform} device(s), mesh {dict(s.mesh.shape)}; "
-          f"{splits.n_docs[0]} train / {splits.n_docs[1]} validation {'examples' if cfg.data.task == 'sft' else 'documents'}, "
-          f"{train_tokens:,} train tokens",
-          flush=True)
-    last = {"time": time.time(), "step": start}
+          f"{splits.n_docs[0]} train / {splits.n_docs[1]} validation {what}, {train_tokens:,} train tokens", flush=True)
+    last = {"time": time.time(), "step": start, "host": 0.0}
     metrics: dict = {}
     stop = _StopRequest()
     saved_step = start
+    pending = None  # (step, metrics) dispatched but whose loss has not been read yet
+    loss = float("nan")
 
     def checkpoint(step, force=False):
         nonlocal saved_step
@@ -369,19 +374,38 @@ def train(cfg: Config, workdir: str | Path, init_from: str | None = None, stop_a
             ckpt.save(mngr, step, state, batches.get_state(), to_dict(cfg), force=True)
             saved_step = step
 
+    def read_loss(p) -> float:
+        """The loss of a finished step; a non-finite one stops the run before anything after it is saved."""
+        step_no, m = p
+        value = float(m["loss"])
+        if not math.isfinite(value):
+            raise TrainingError(f"non-finite loss ({value}) at step {step_no}; stopping (lower optim.lr or "
+                                f"set optim.clip_norm); the last saved checkpoint (step {saved_step}) is untouched")
+        return value
+
     try:
         for step in range(start, total):
+            t_host = time.perf_counter()
             batch = _global_batch(next(batches), s.batch_sharding)
-            state, m = step_fn(state, batch)
-            loss = float(m["loss"])
-            if not math.isfinite(loss):
-                raise TrainingError(f"non-finite loss ({loss}) at step {step + 1}; stopping (lower optim.lr or "
-                                    f"set optim.clip_norm); the last saved checkpoint (step {saved_step}) is untouched")
+            state, m = step_fn(state, batch)  # dispatched: the device runs while the host goes on
+            last["host"] += time.perf_counter() - t_host
             done = step + 1
-            if done % cfg.train.log_every == 0 or done == total:
+            # read the previous step's loss, not this one's: the device is already busy with this step
+            if pending is not None:
+                loss = read_loss(pending)
+            pending = (done, m)
+            if done == stop_after:
+                stop.signal = "simulated"
+            stopping = stop.signal is not None  # read once: a signal arriving later waits for the next step
+            logging = done % cfg.train.log_every == 0 or done == total
+            saving = (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or stopping
+            if logging or saving or done == total:  # these read or save this step's results: check it first
+                loss, pending = read_loss(pending), None
+            if logging:
                 now = time.time()
                 tps = (done - last["step"]) * tokens_per_step / max(now - last["time"], 1e-9)
-                last = {"time": now, "step": done}
+                host_fraction = last["host"] / max(now - last["time"], 1e-9)
+                last = {"time": now, "step": done, "host": 0.0}
                 sparsity = sparsity_from_zeros(cfg.model, stats_fn(state["params"], batch), tokens_per_step)
                 acct = activated_params(cfg.model, sparsity)
                 achieved = tps * flops_per_token(cfg) / n_dev
@@ -390,9 +414,16 @@ def train(cfg: Config, workdir: str | Path, init_from: str | None = None, stop_a
                            "tokens_per_s": tps, "mfu": achieved / peak if peak else None,
                            "mfu_sparse": achieved_sparse / peak if peak else None,
                            "tflops_per_device": achieved / 1e12, "sparsity": {**sparsity, "overall": acct["overall"]},
-                           "activated_params": acct["N_a"]}
+                           "activated_params": acct["N_a"], "host_fraction": host_fraction}
+                if splits.mixture is not None:
+                    rows = splits.mixture.counts(done * cfg.data.batch_size)
+                    metrics["tokens_by_source"] = {n: int(r) * cfg.data.seq_len for n, r in zip(splits.weights, rows)}
                 if done % cfg.train.eval_every == 0 or done == total:
-                    metrics["val_loss"] = evaluate(eval_fn, state["params"], val, s.batch_sharding)
+                    by_source = {n: evaluate(eval_fn, state["params"], b, s.batch_sharding) for n, b in vals.items()}
+                    weights = splits.weights or {"": 1.0}
+                    metrics["val_loss"] = sum(weights[n] * v for n, v in by_source.items())
+                    if len(by_source) > 1:
+                        metrics["val_loss_by_source"] = by_source
                     if cfg.data.tokenizer == "byte":
                         metrics["val_bits_per_byte"] = metrics["val_loss"] / math.log(2)
                 log.write(done, metrics)
@@ -402,9 +433,7 @@ def train(cfg: Config, workdir: str | Path, init_from: str | None = None, stop_a
                 progress.update(done, f"loss {loss:.3f}")
             if cfg.checkpoint.every and done % cfg.checkpoint.every == 0:
                 checkpoint(done)
-            if done == stop_after:
-                stop.signal = "simulated"
-            if stop.signal is not None:
+            if stopping:
                 checkpoint(done)
                 mngr.wait_until_finished()
                 print(f"\nsignal {stop.signal}: saved a checkpoint at step {done}; resume with the same --workdir",
