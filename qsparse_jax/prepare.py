@@ -342,8 +342,7 @@ def prepare(a: PrepareArgs) -> dict:
         meter.update(nbytes, sum(len(t) for t in arrays), done, force=end and done == meter.total)
 
     jobs = _jobs(todo, a.text_field, a.val_fraction)
-    single = a.workers == 1 or a.tokenizer == "byte"  # bytes: encoding is a memcpy, IPC would cost more
-    if single:
+    if a.workers == 1:
         _init_worker(a.tokenizer, dtype.name, False)
         for job in jobs:
             handle(_encode(job))

@@ -379,8 +379,10 @@ def train(cfg: Config, workdir: str | Path, init_from: str | None = None, stop_a
         step_no, m = p
         value = float(m["loss"])
         if not math.isfinite(value):
+            kept = (f"the last saved checkpoint (step {mngr.latest_step()}) is untouched"
+                    if mngr.latest_step() is not None else "no checkpoint was written")
             raise TrainingError(f"non-finite loss ({value}) at step {step_no}; stopping (lower optim.lr or "
-                                f"set optim.clip_norm); the last saved checkpoint (step {saved_step}) is untouched")
+                                f"set optim.clip_norm); {kept}")
         return value
 
     try:

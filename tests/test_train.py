@@ -140,6 +140,26 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(corpus, 
     assert sorted(os.listdir(tmp_path / "w" / "checkpoints")) == ["2"]
 
 
+def test_non_finite_stop_is_exact_when_losses_are_read_a_step_late(corpus, tmp_path):
+    """The loop reads each loss one step late (no device sync per step); the stop still names the
+    first bad step, as a run that reads every loss at once does, and saves nothing from it on."""
+    import re
+
+    from qsparse_jax.trainer import TrainingError
+
+    args = ["train.steps=40", "optim.lr=1e30", "optim.clip_norm=null", "optim.warmup_steps=30",
+            "checkpoint.every=3", "checkpoint.keep=100"]
+    bad = {}
+    for log_every in (1, 100):  # 1: every loss read at once (log lines); 100: read one step late
+        with pytest.raises(TrainingError) as e:
+            run(corpus, tmp_path / f"w{log_every}", *args, f"train.log_every={log_every}")
+        bad[log_every] = int(re.search(r"at step (\d+);", str(e.value)).group(1))
+        saved = sorted(int(x) for x in os.listdir(tmp_path / f"w{log_every}" / "checkpoints"))
+        assert saved and max(saved) == (bad[log_every] - 1) // 3 * 3
+        assert f"the last saved checkpoint (step {max(saved)})" in str(e.value)
+    assert bad[1] == bad[100] > 3
+
+
 @pytest.fixture(scope="module")
 def sft_corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("sft") / "sft.jsonl"
