@@ -385,7 +385,8 @@ def main(argv=None) -> int:
                    help="stdlib, or files / directories of .txt .md .py .rst, .jsonl[.gz|.zst], .parquet, .arrayrecord")
     p.add_argument("--tokenizer", default="byte", help="byte (default) or a path to a HF tokenizer.json")
     p.add_argument("--out", required=True, help="output directory (data.source=OUT for training)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: all cores)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="tokenizer processes (default: 1 for bytes, where encoding is a copy; else one per core)")
     p.add_argument("--shard_index", type=int, default=0, help="this part's index, for --num_shards parallel parts")
     p.add_argument("--num_shards", type=int, default=1, help="number of parts the input is split into")
     p.add_argument("--val_fraction", type=float, default=0.02, help="fraction of documents held out (hash of name)")
@@ -405,7 +406,8 @@ def main(argv=None) -> int:
                 raise DataError(f"--merge: {out} has {done} of {n} chunks; finish every part first")
             print(f"prepare: wrote {out / 'manifest.json'}")
             return 0
-        prepare(PrepareArgs(args.source, args.tokenizer, args.out, args.workers, args.shard_index, args.num_shards,
+        workers = args.workers if args.workers is not None else 1 if args.tokenizer == "byte" else os.cpu_count() or 1
+        prepare(PrepareArgs(args.source, args.tokenizer, args.out, workers, args.shard_index, args.num_shards,
                             args.val_fraction, args.text_field, args.shard_tokens, args.chunk_mb))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
