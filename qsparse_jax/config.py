@@ -15,6 +15,7 @@ from .sparsity import GRADS, RESCALES, keep_count
 ACTIVATIONS = ("relu2", "silu")
 KERNELS = ("off", "on", "xla", "pallas", "interpret")  # on: Pallas on GPU/TPU, XLA int8 path on CPU
 DTYPES = ("float32", "bfloat16")
+ATTENTION = ("auto", "xla", "chunked", "cudnn", "flash")  # attention.IMPLS
 PROJECTION_GROUPS = ("qkv", "out", "gate_up", "down")
 
 
@@ -122,6 +123,7 @@ class ModelConfig:
     scan_layers: bool = False  # one stacked Block under nnx.scan: compile time independent of depth
     remat: str = "none"  # activation checkpointing per block: none | full | dots (keep weight matmuls)
     kernels: str = "off"  # projections through kernels.qsparse_matmul (1.58-bit weights, int8 activations)
+    attention: str = "auto"  # auto | xla | chunked | cudnn | flash (attention.py): auto = flash on TPU, cuDNN on GPU
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     init_std: float = 0.02
@@ -152,6 +154,7 @@ class ModelConfig:
                  f"model.sliding_window must be a positive integer or null, got {self.sliding_window!r}")
         _require(self.remat in ("none", "full", "dots"), f"model.remat must be one of none, full, dots, got {self.remat!r}")
         _require(self.kernels in KERNELS, f"model.kernels must be one of {KERNELS}, got {self.kernels!r}")
+        _require(self.attention in ATTENTION, f"model.attention must be one of {ATTENTION}, got {self.attention!r}")
         if self.kernels != "off":
             _require(self.weight_bits == "1.58" and self.act_bits == 8,
                      "model.kernels needs a 1.58-bit model with int8 activations (weight_bits '1.58', act_bits 8), "

@@ -14,9 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .attention import MaskSpec, attend
 from .config import ModelConfig, RopeScaling
 from .kernels import pack_ternary, qsparse_matmul
 from .quant import quantize_activations, quantize_weights
+from .sharding import constrain
 from .sparsity import topk_sparsify
 
 
@@ -226,6 +228,7 @@ class Attention(nnx.Module):
         inv_freq, self.rope_scale = rope_frequencies(self.hd, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len)
         self.inv_freq = tuple(float(f) for f in inv_freq)
         self.window = cfg.sliding_window
+        self.impl = cfg.attention
         q_out, kv_out = self.n_heads * self.hd, self.n_kv * self.hd
         lin = lambda i, o, keep, axes, bias=False: SparseLinear(i, o, keep=keep, cfg=cfg, axes=axes, use_bias=bias, rngs=rngs)
         self.wq = lin(cfg.dim, q_out, cfg.keep("qkv"), ("embed", "heads"), cfg.qkv_bias)
@@ -240,38 +243,31 @@ class Attention(nnx.Module):
         returns ``(out, cache)``. Cached key ``j`` sits at position ``j`` (contiguous generation)."""
         b, s, _ = x.shape
         xs = self.wq.sparsify(x)
-        q = self.wq.project(xs).reshape(b, s, self.n_heads, self.hd)
-        k = self.wk.project(xs).reshape(b, s, self.n_kv, self.hd)
-        v = self.wv.project(xs).reshape(b, s, self.n_kv, self.hd)
+        q = constrain(self.wq.project(xs).reshape(b, s, self.n_heads, self.hd), ("batch", "length", "act_heads", None))
+        k = constrain(self.wk.project(xs).reshape(b, s, self.n_kv, self.hd), ("batch", "length", "act_kv", None))
+        v = constrain(self.wv.project(xs).reshape(b, s, self.n_kv, self.hd), ("batch", "length", "act_kv", None))
+        by_index = positions is None  # positions 0..s-1 in every row: fused kernels may mask by index
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         q, k = (rope(t, positions, np.asarray(self.inv_freq, np.float32), self.rope_scale) for t in (q, k))
         if cache is not None:
             at = (0, cache["index"], 0, 0)
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at)
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at)
             cache = {"k": k, "v": v, "index": cache["index"] + s}
-            key_pos = jnp.arange(k.shape[1], dtype=positions.dtype)
-            delta = positions[:, :, None] - key_pos[None, None, :]
-            mask = (delta >= 0) & (key_pos < cache["index"])[None, None, :]
+            key_pos = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=positions.dtype), (b, k.shape[1]))
+            spec = MaskSpec(positions, key_pos, self.window, k_valid=jnp.arange(k.shape[1]) < cache["index"])
         else:
-            delta = positions[:, :, None] - positions[:, None, :]
-            mask = delta >= 0  # causal, by position
-        rep = self.n_heads // self.n_kv
-        q = q.reshape(b, s, self.n_kv, rep, self.hd)
-        scores = jnp.einsum("bqgrd,bkgd->bgrqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(self.hd).astype(jnp.float32)
-        if self.window is not None:
-            mask = mask & (delta < self.window)
-        if segment_ids is not None:  # packed sequences never attend across documents
-            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, v).reshape(b, s, self.n_heads * self.hd)
+            spec = MaskSpec(positions, positions, self.window, q_seg=segment_ids, k_seg=segment_ids, by_index=by_index)
+        out = attend(q, k, v, spec, self.impl).reshape(b, s, self.n_heads * self.hd)
+        out = constrain(out, ("batch", "length", "act_heads"))
         if self.subln is not None:
             out = self.subln(out)
         os_ = self.wo.sparsify(out)
         if stats is not None:
             stats["qkv"] = stats.get("qkv", 0.0) + self.wq.zeros(xs)
             stats["out"] = stats.get("out", 0.0) + self.wo.zeros(os_)
-        out = self.wo.project(os_)
+        out = constrain(self.wo.project(os_), ("batch", "length", "act_embed"))
         return out if cache is None else (out, cache)
 
 
@@ -290,14 +286,14 @@ class FeedForward(nnx.Module):
         xs = self.w_gate.sparsify(x)
         g = self.w_gate.project(xs)
         g = jnp.square(jax.nn.relu(g)) if self.activation == "relu2" else jax.nn.silu(g)
-        h = self.w_up.project(xs) * g
+        h = constrain(self.w_up.project(xs) * constrain(g, ("batch", "length", "act_mlp")), ("batch", "length", "act_mlp"))
         if self.subln is not None:
             h = self.subln(h)
         hs = self.w_down.sparsify(h)  # top-K after the activation (SiLU models too)
         if stats is not None:
             stats["gate_up"] = stats.get("gate_up", 0.0) + self.w_gate.zeros(xs)
             stats["down"] = stats.get("down", 0.0) + self.w_down.zeros(hs)
-        return self.w_down.project(hs)
+        return constrain(self.w_down.project(hs), ("batch", "length", "act_embed"))
 
 
 class Block(nnx.Module):

@@ -10,6 +10,9 @@ from flax import nnx
 
 from .config import PROJECTION_GROUPS, ModelConfig
 from .layers import Block, RMSNorm, _dtype
+from .sharding import constrain
+
+ACT = ("batch", "length", "act_embed")  # the residual stream's logical axes
 
 
 class Transformer(nnx.Module):
@@ -46,10 +49,10 @@ class Transformer(nnx.Module):
         number of zeros seen at each projection group's matmul input, summed over layers. With a KV
         ``cache`` (:func:`init_cache`) the tokens continue the cached ones: returns ``(logits, cache)``."""
         cfg = self.config
-        if positions is None:
-            start = 0 if cache is None else (cache["index"][0] if cfg.scan_layers else cache[0]["index"])
+        if positions is None and cache is not None:  # without a cache, attention takes 0..s-1 itself
+            start = cache["index"][0] if cfg.scan_layers else cache[0]["index"]
             positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(_dtype(cfg.dtype))
+        x = constrain(jnp.take(self.embed[...], tokens, axis=0).astype(_dtype(cfg.dtype)), ACT)
         stats: dict | None = {} if return_stats else None
         run = _remat_block(cfg.remat) if cfg.remat != "none" and stats is None and cache is None else None
         if cfg.scan_layers:
@@ -64,9 +67,9 @@ class Transformer(nnx.Module):
                 else:
                     x, c = layer(x, positions, segment_ids, stats, cache[i])
                     new_cache.append(c)
-        x = self.norm(x).astype(jnp.float32)
+        x = self.norm(constrain(x, ACT)).astype(jnp.float32)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        logits = x @ head.astype(jnp.float32)
+        logits = constrain(x @ head.astype(jnp.float32), ("batch", "length", "act_vocab"))
         out = (logits, stats) if return_stats else logits
         return out if cache is None else (out, new_cache)
 
@@ -103,7 +106,7 @@ def _scan_blocks(blocks, x, positions, segment_ids, return_stats: bool, cache, r
             x = run(block, x, positions, segment_ids)
         else:
             x = block(x, positions, segment_ids, st)
-        return x, (st, c)
+        return constrain(x, ACT), (st, c)
 
     x, (stats, new_cache) = jax.lax.scan(body, x, (state, cache))
     if return_stats:

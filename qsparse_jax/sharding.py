@@ -7,6 +7,8 @@ divide stays replicated along that axis.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -18,7 +20,9 @@ from .config import ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# logical axis -> mesh axes it is split over, in order
+# logical axis -> mesh axes it is split over, in order. Parameters use embed / vocab / heads / kv / mlp;
+# activations use batch / length and the act_* names: the batch is split over every data-parallel axis
+# and the model dimension of activations is never split (FSDP gathers weights, not activations)
 LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
     "embed": ("fsdp",),
@@ -26,7 +30,40 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "heads": ("tensor",),
     "kv": ("tensor",),
     "mlp": ("tensor",),
+    "length": (),
+    "act_embed": (),
+    "act_heads": ("tensor",),
+    "act_kv": ("tensor",),
+    "act_mlp": ("tensor",),
+    "act_vocab": ("tensor",),
 }
+
+_ACTIVATION_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh):
+    """While tracing inside this context, ``constrain`` pins activations to ``mesh`` by logical name."""
+    token = _ACTIVATION_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def active_mesh() -> Mesh | None:
+    """The mesh of the enclosing ``activation_sharding`` (None outside one)."""
+    return _ACTIVATION_MESH.get()
+
+
+def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
+    """``with_sharding_constraint`` of an activation by the logical names of its dimensions (MaxText's
+    logical constraints), when traced under ``activation_sharding``; otherwise ``x`` unchanged, so
+    layers stay usable outside any mesh."""
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical_axes, x.shape, mesh)))
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:

@@ -9,6 +9,7 @@ tensorboardX event files under ``workdir/tensorboard``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -23,10 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from .config import Config, OptimConfig, to_dict
 from .model import Transformer, activated_params, nll_sum, projection_params, sparsity_from_zeros
-from .sharding import batch_sharding, make_mesh, state_shardings
+from .sharding import activation_sharding, batch_sharding, make_mesh, state_shardings
+from .topology import peak_flops
 
 
 class TrainingError(RuntimeError):
@@ -86,8 +89,8 @@ class Setup:
         return nnx.merge(self.graphdef, params)(tokens, **kw)
 
 
-def setup(cfg: Config, devices=None) -> tuple[Setup, dict]:
-    """Mesh, optimizer and a freshly initialized, sharded train state {params, opt_state, step}."""
+def _build(cfg: Config, devices=None):
+    """Mesh, graph, optimizer, parameter shardings and the jitted initializer (nothing allocated)."""
     mesh = make_mesh(cfg.mesh, devices)
     model_fn = lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
     graphdef, abstract_params = nnx.split(nnx.eval_shape(model_fn))
@@ -98,10 +101,32 @@ def setup(cfg: Config, devices=None) -> tuple[Setup, dict]:
         params = nnx.split(model_fn())[1]
         return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
 
-    # optimizer moments follow their parameters' sharding; let XLA place them, then pin what it chose
-    state = jax.jit(init, out_shardings={"params": p_sharding, "opt_state": None, "step": None})()
+    # optimizer moments are sharded exactly like their parameters (left to XLA, they were replicated:
+    # 2 × the model's float32 size on every device); counts and schedule states are replicated
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_sharding = optax.tree_map_params(optimizer, lambda _, sh: sh, jax.eval_shape(optimizer.init, abstract_params),
+                                         p_sharding, transform_non_params=lambda _: replicated,
+                                         is_leaf=lambda x: isinstance(x, nnx.Variable))
+    init_fn = jax.jit(init, out_shardings={"params": p_sharding, "opt_state": opt_sharding, "step": replicated})
+    return mesh, graphdef, optimizer, init_fn
+
+
+def setup(cfg: Config, devices=None) -> tuple[Setup, dict]:
+    """Mesh, optimizer and a freshly initialized, sharded train state {params, opt_state, step}."""
+    mesh, graphdef, optimizer, init_fn = _build(cfg, devices)
+    state = init_fn()
     s_sharding = jax.tree.map(lambda a: a.sharding, state)
     return Setup(cfg, mesh, graphdef, optimizer, s_sharding, batch_sharding(mesh)), state
+
+
+def abstract_setup(cfg: Config, devices=None) -> tuple[Setup, dict]:
+    """As ``setup``, but the state is ``jax.ShapeDtypeStruct``s with their shardings: nothing is
+    allocated, so ``devices`` may be a TPU slice described by libtpu (``topology.tpu_devices``)."""
+    mesh, graphdef, optimizer, init_fn = _build(cfg, devices)
+    shapes = jax.eval_shape(init_fn)
+    shardings = init_fn.lower().compile().output_shardings  # the placement ``setup`` would get
+    state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes, shardings)
+    return Setup(cfg, mesh, graphdef, optimizer, shardings, batch_sharding(mesh)), state
 
 
 def split_batch(batch):
@@ -120,12 +145,27 @@ def _nll_sum(apply, params, batch):
     return nll_sum(apply(params, inputs, **kw), targets, weights)
 
 
+def _under_mesh(mesh):
+    """Trace ``fn`` with its activations constrained to ``mesh`` by logical axes (``sharding.constrain``)."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def traced(*args):
+            with activation_sharding(mesh):
+                return fn(*args)
+
+        return traced
+
+    return wrap
+
+
 def make_train_step(s: Setup):
     accum = s.cfg.optim.grad_accum
 
     def sum_fn(params, batch):
         return _nll_sum(s.apply, params, batch)
 
+    @_under_mesh(s.mesh)
     def step(state, batch):
         params = state["params"]
         grad_fn = jax.value_and_grad(sum_fn, has_aux=True)
@@ -153,6 +193,7 @@ def make_train_step(s: Setup):
 def make_eval_step(s: Setup):
     """(summed NLL, target count) of one batch."""
 
+    @_under_mesh(s.mesh)
     def ev(params, batch):
         return _nll_sum(s.apply, params, batch)
 
@@ -162,6 +203,7 @@ def make_eval_step(s: Setup):
 def make_stats_step(s: Setup):
     """Zeros seen at each projection group's input on one batch (for per-projection sparsity)."""
 
+    @_under_mesh(s.mesh)
     def st(params, batch):
         inputs, _, kw, _ = split_batch(batch)
         return s.apply(params, inputs, return_stats=True, **kw)[1]
@@ -170,15 +212,6 @@ def make_stats_step(s: Setup):
 
 
 # --- FLOPs and MFU ---------------------------------------------------------------------------------
-
-PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "tpu v4": 275e12, "tpu v5 lite": 197e12,
-              "tpu v5e": 197e12, "tpu v5p": 459e12, "tpu v6": 918e12}
-
-
-def peak_flops(device) -> float | None:
-    kind = device.device_kind.lower()
-    return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
-
 
 def flops_per_token(cfg: Config, sparsity: dict[str, float] | None = None) -> float:
     """Training FLOPs per token: ``6·N`` for the matmuls plus attention ``12·L·T·H·d_h``. With
@@ -297,14 +330,15 @@ class _StopRequest:
 
 def _same_model(saved: dict | None, model) -> bool:
     """Whether a checkpoint's saved model config is this run's: keys added since it was written take
-    their defaults; ``kernels`` and ``remat`` (same parameters, same gradients) may differ."""
+    their defaults; ``kernels``, ``remat`` and ``attention`` (same parameters, same gradients) may differ."""
     from .config import ConfigError, ModelConfig, from_dict
 
     try:
         old = from_dict(ModelConfig, saved or {})
     except ConfigError:
         return False
-    return old.replace(kernels="off", remat="none") == model.replace(kernels="off", remat="none")
+    same = dict(kernels="off", remat="none", attention="auto")  # how it computes, not what
+    return old.replace(**same) == model.replace(**same)
 
 
 def train(cfg: Config, workdir: str | Path, init_from: str | None = None, stop_after: int | None = None) -> dict:
