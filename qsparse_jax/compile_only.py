@@ -30,7 +30,7 @@ from .errors import ConfigError
 from .topology import GIB, Chip, chip_of, tpu_devices
 
 
-_OOM = re.compile(r"memory required for HLO temporaries \(([\d.]+)G\) exceeds available HBM")
+_OOM = re.compile(r"memory required for ([\w ]+?) \(([\d.]+)G\) exceeds available HBM")
 
 
 def abstract_batch(cfg: Config, sharding):
@@ -55,7 +55,8 @@ def bytes_per_device(tree) -> int:
 def _cost(compiled) -> dict:
     c = compiled.cost_analysis()
     c = c[0] if isinstance(c, (list, tuple)) else c
-    return {"flops": float(c.get("flops", 0.0)), "seconds": float(c.get("optimal_seconds", 0.0) or 0.0),
+    seconds = float(c.get("optimal_seconds", 0.0) or 0.0)
+    return {"flops": float(c.get("flops", 0.0)), "seconds": max(seconds, 0.0),  # < 0: the compiler has no estimate
             "bytes": float(c.get("bytes accessed", 0.0))}
 
 
@@ -78,11 +79,14 @@ def _layer_corrected_cost(cfg: Config, devices, cost: dict) -> tuple[dict, bool]
     for n in (1, 2):
         small = dataclasses.replace(cfg, model=m.replace(n_layers=n, scan_layers=False))
         per.append(_cost(compile_step(small, devices)[0]))
+    if not all(per[1][k] > per[0][k] for k in ("flops", "seconds")):
+        return cost, False  # too small for per-layer costs to add up (fixed costs dominate): keep the scan's
     return {k: per[0][k] + (m.n_layers - 1) * (per[1][k] - per[0][k]) for k in cost}, True
 
 
-def report(cfg: Config, topology: str | None = None, margin: float = 0.10, devices=None) -> dict:
-    """Compile the train step for ``topology`` (a TPU slice name) or ``devices`` (default: local)."""
+def report(cfg: Config, topology: str | None = None, margin: float = 0.10, devices=None, costs: bool = True) -> dict:
+    """Compile the train step for ``topology`` (a TPU slice name) or ``devices`` (default: local);
+    ``costs=False`` skips the per-layer cost extrapolation (two more, small compiles)."""
     from .trainer import flops_per_token
 
     if topology:
@@ -101,12 +105,12 @@ def report(cfg: Config, topology: str | None = None, margin: float = 0.10, devic
             raise
         s, state = abstract_setup(cfg, devices)
         compiled, seconds = None, time.perf_counter() - t0
-        temp = int(float(need.group(1)) * GIB)
+        temp = int(float(need.group(2)) * GIB) if "temporaries" in need.group(1) else 0
     if compiled is not None:
         mem = compiled.memory_analysis()
         arg, out, alias, temp = (mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
                                  mem.temp_size_in_bytes)
-        cost, corrected = _layer_corrected_cost(cfg, devices, _cost(compiled))
+        cost, corrected = _layer_corrected_cost(cfg, devices, _cost(compiled)) if costs else (_cost(compiled), False)
     else:  # refused: arguments are the state and the batch; outputs alias the donated state
         arg = bytes_per_device(state) + bytes_per_device(abstract_batch(cfg, s.batch_sharding))
         out = alias = bytes_per_device(state)

@@ -27,7 +27,7 @@ class Chip:
 
 CHIPS = {
     "v4": Chip("TPU v4", 32 * GIB, 275e12, 2),
-    "v5e": Chip("TPU v5e", 16 * GIB, 197e12),
+    "v5e": Chip("TPU v5e", int(15.75 * GIB), 197e12),
     "v5p": Chip("TPU v5p", int(95.74 * GIB), 459e12, 2),  # what libtpu reports as available
     "v6e": Chip("TPU v6e", 32 * GIB, 918e12),
     "h200": Chip("NVIDIA H200", 141 * GIB, 989e12),
@@ -83,15 +83,19 @@ def slice_topology(name: str) -> tuple[str, str]:
 def tpu_devices(name: str) -> tuple[list, Chip]:
     """The devices of a TPU slice, for compiling (not running) on this machine; needs libtpu."""
     gen, shape = slice_topology(name)
-    if "TPU_ACCELERATOR_TYPE" not in os.environ:  # not on a TPU VM: tell libtpu so, or it prints a page of warnings
+    if "TPU_ACCELERATOR_TYPE" not in os.environ:  # not on a TPU VM: say so, or libtpu prints a page of warnings
         for k, v in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", name.replace(":", "-")),
                      ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_WORKER_ID", "0"), ("TPU_MIN_LOG_LEVEL", "3"),
-                     ("TF_CPP_MIN_LOG_LEVEL", "3")):
+                     ("TF_CPP_MIN_LOG_LEVEL", "3"),
+                     ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):  # compiling only: no chip to guard with the lockfile
             os.environ.setdefault(k, v)
     try:
         from jax.experimental import topologies
 
-        desc = topologies.get_topology_desc(f"{gen}:{shape}", platform="tpu")
+        dims = [int(d) for d in shape.split("x")] + [1] * (3 - len(shape.split("x")))
+        # a host drives up to 2x2x1 chips; a smaller slice is all one host
+        kw = {"chips_per_host_bounds": tuple(dims)} if math.prod(dims) < 4 else {}
+        desc = topologies.get_topology_desc(f"{gen}:{shape}", platform="tpu", **kw)
     except Exception as e:  # no libtpu, or it refuses the shape: one line either way
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = " (install the tpu extra: pip install -e '.[tpu]')" if "tpu" in msg.lower() and "found" in msg.lower() else ""

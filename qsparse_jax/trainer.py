@@ -107,25 +107,22 @@ def _build(cfg: Config, devices=None):
     opt_sharding = optax.tree_map_params(optimizer, lambda _, sh: sh, jax.eval_shape(optimizer.init, abstract_params),
                                          p_sharding, transform_non_params=lambda _: replicated,
                                          is_leaf=lambda x: isinstance(x, nnx.Variable))
-    init_fn = jax.jit(init, out_shardings={"params": p_sharding, "opt_state": opt_sharding, "step": replicated})
-    return mesh, graphdef, optimizer, init_fn
+    shardings = {"params": p_sharding, "opt_state": opt_sharding, "step": replicated}
+    return mesh, graphdef, optimizer, jax.jit(init, out_shardings=shardings), shardings
 
 
 def setup(cfg: Config, devices=None) -> tuple[Setup, dict]:
     """Mesh, optimizer and a freshly initialized, sharded train state {params, opt_state, step}."""
-    mesh, graphdef, optimizer, init_fn = _build(cfg, devices)
-    state = init_fn()
-    s_sharding = jax.tree.map(lambda a: a.sharding, state)
-    return Setup(cfg, mesh, graphdef, optimizer, s_sharding, batch_sharding(mesh)), state
+    mesh, graphdef, optimizer, init_fn, shardings = _build(cfg, devices)
+    return Setup(cfg, mesh, graphdef, optimizer, shardings, batch_sharding(mesh)), init_fn()
 
 
 def abstract_setup(cfg: Config, devices=None) -> tuple[Setup, dict]:
     """As ``setup``, but the state is ``jax.ShapeDtypeStruct``s with their shardings: nothing is
     allocated, so ``devices`` may be a TPU slice described by libtpu (``topology.tpu_devices``)."""
-    mesh, graphdef, optimizer, init_fn = _build(cfg, devices)
-    shapes = jax.eval_shape(init_fn)
-    shardings = init_fn.lower().compile().output_shardings  # the placement ``setup`` would get
-    state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes, shardings)
+    mesh, graphdef, optimizer, init_fn, shardings = _build(cfg, devices)
+    state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), jax.eval_shape(init_fn),
+                         shardings)
     return Setup(cfg, mesh, graphdef, optimizer, shardings, batch_sharding(mesh)), state
 
 
