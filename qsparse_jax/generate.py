@@ -82,7 +82,7 @@ def generate(apply, params, config, prompt: np.ndarray, max_new_tokens: int, *, 
 
 
 def _load(args):
-    """(model, tokenizer) from --hf / --ckpt (via the eval CLI's loader) or a fresh --config model."""
+    """(model, tokenizer) from --hf / --ckpt (the shared inference loader) or a fresh --config model."""
     if args.config:
         from flax import nnx
 
@@ -92,9 +92,10 @@ def _load(args):
 
         cfg = load_config(args.config, args.overrides)
         return Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed)), make_tokenizer(cfg.data.tokenizer)
-    from .eval import load_model
+    from .inference import load
 
-    return load_model(args)
+    ld = load(hf=args.hf, ckpt=args.ckpt, tokenizer=args.tokenizer)
+    return ld.model, ld.tokenizer
 
 
 def main(argv=None) -> int:
@@ -117,8 +118,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from absl import logging as absl_logging
 
-    from .layers import pack_for_inference
-    from .model import functional, with_config
+    from .inference import variant
 
     absl_logging.set_verbosity(absl_logging.ERROR)
     try:
@@ -135,11 +135,8 @@ def main(argv=None) -> int:
         runs = {"sparse": sparse, "dense": SparsityConfig()} if sparse.enabled else {"dense": SparsityConfig()}
         results = {}
         for name, sp in runs.items():
-            variant = with_config(model, sparsity=sp, kernels=args.kernels)  # validates S, kernels
-            if args.kernels != "off":
-                variant = pack_for_inference(variant, args.bits)
-            apply, params = functional(variant)
-            out, t = generate(apply, params, variant.config, prompt, args.max_new_tokens,
+            apply, params = variant(model, sp, args.kernels, args.bits)  # validates S, kernels; packs once
+            out, t = generate(apply, params, apply.config, prompt, args.max_new_tokens,
                               temperature=args.temperature, repeats=args.repeats)
             results[name] = (out, t)
     except ConfigError as e:  # DataError, HFError, CheckpointError are ConfigErrors

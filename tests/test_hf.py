@@ -207,49 +207,6 @@ def test_convert_cli_errors_are_one_line(tmp_path, args, msg):
     assert out.returncode == 2 and out.stderr.strip() == msg
 
 
-def test_eval_cli_perplexity_and_multiple_choice_dense_vs_sparse(tmp_path):
-    import subprocess
-    import sys
-
-    from qsparse_jax.eval import choice_logprobs, with_sparsity
-    from qsparse_jax.config import SparsityConfig
-    from qsparse_jax.data import ByteTokenizer
-
-    cfg_cls, model_cls, _ = KINDS["llama"]
-    torch.manual_seed(2)
-    hf = model_cls(cfg_cls(**{**SMALL, "vocab_size": 256})).float().eval()
-    hf.save_pretrained(tmp_path / "hf")
-    (tmp_path / "text.txt").write_text("the cat sat on the mat. " * 40)
-    items = [{"context": "the cat sat on the", "choices": [" mat", " moon", " xyzzy"], "label": 0},
-             {"context": "one two", "choices": [" three", " four"], "label": 1}]
-    (tmp_path / "mc.jsonl").write_text("\n".join(map(json.dumps, items)))
-    out = subprocess.run([sys.executable, "-m", "qsparse_jax.eval", "--hf", str(tmp_path / "hf"), "--ppl",
-                          str(tmp_path / "text.txt"), "--mc", str(tmp_path / "mc.jsonl"), "--sparsity", "0.4",
-                          "--seq-len", "64", "--tokenizer", "byte"], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = json.loads(out.stdout.strip().splitlines()[-1])
-    dense, sparse = rows["dense"], rows["sparse (S=0.4)"]
-    assert 1 < dense["perplexity"] < 1000 and sparse["perplexity"] != dense["perplexity"]
-    for r in (dense, sparse):
-        assert set(r) == {"perplexity", "acc", "acc_norm"} and 0 <= r["acc"] <= 1
-
-    # the dense choice scores are transformers' log-likelihoods of the same tokens
-    model = load_pretrained(tmp_path / "hf")
-    apply, params = with_sparsity(model, SparsityConfig())
-    tok = ByteTokenizer()
-    scores, lengths = choice_logprobs(apply, params, tok, items[0]["context"], items[0]["choices"])
-    ctx = list(tok.encode(items[0]["context"]))
-    for score, choice in zip(scores, items[0]["choices"]):
-        seq = ctx + list(tok.encode(choice))
-        logp = torch.log_softmax(torch.as_tensor(hf_logits(hf, [seq])[0]), -1).numpy()
-        want = sum(logp[t - 1, seq[t]] for t in range(len(ctx), len(seq)))
-        assert score == pytest.approx(want, abs=1e-3)
-
-    bad = subprocess.run([sys.executable, "-m", "qsparse_jax.eval", "--hf", str(tmp_path / "hf"), "--mc",
-                          str(tmp_path / "text.txt"), "--sparsity", "0.4"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: ") and "text.txt:1: expected" in bad.stderr
-
-
 def _bitnet_model(input_norm: bool, subln: bool = True, sparsity: float = 0.0):
     """A tiny BitNet b1.58 model (ReLU² GLU, SubLN, int8 activations, ternary weights), every norm random."""
     from flax import nnx

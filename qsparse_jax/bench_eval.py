@@ -1,0 +1,163 @@
+"""Evaluation-speed benchmark (issue 12) and the tiny local setup it and the tests share.
+
+``python -m qsparse_jax.bench eval [--items 60] [--out DIR]`` builds a tiny random HF Llama (2 layers,
+d 64) with a 512-token byte-level BPE ``tokenizer.json`` trained here with ``tokenizers``, 60 four-choice
+items (240 log-likelihood requests) as our ``--mc`` JSONL and as an lm-eval task over the same file, then
+times in one run: our CLI (dense and sparse columns), ``lm_eval --model qsparse_jax`` and
+``lm_eval --model hf``, each as a fresh process, and prints the ratios and compile counts. Nothing is
+downloaded: the model, tokenizer and data are made here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+WORDS = ("the a one red blue green small large old new cat dog bird fish tree house river stone light dark "
+         "runs jumps sees finds makes takes walks sleeps sings reads over under near into from with "
+         "quickly slowly always never today morning evening water fire earth wind king queen city road "
+         "garden window door table chair book letter song story paper music").split()
+
+OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _sentence(rng: random.Random, lo: int, hi: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+def make_tokenizer(path: Path, vocab_size: int = 512, seed: int = 0) -> None:
+    """A byte-level BPE ``tokenizer.json`` (``<s>``, ``</s>`` specials) plus the ``tokenizer_config.json``
+    transformers' AutoTokenizer reads next to it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    rng = random.Random(seed)
+    corpus = [_sentence(rng, 3, 12) + rng.choice([".", "!", "?", ","]) for _ in range(3000)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "model_max_length": 256, "clean_up_tokenization_spaces": False}))
+
+
+def make_llama(path: Path, vocab_size: int = 512, dim: int = 64, layers: int = 2, seed: int = 0) -> None:
+    """A random HF Llama saved as safetensors, with the tokenizer in the same directory. Weights are drawn
+    wider than the default init (std 0.2) so choices differ clearly in log-likelihood."""
+    import torch
+    import transformers
+
+    make_tokenizer(path, vocab_size, seed)
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=dim, intermediate_size=2 * dim,
+                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=0.2,
+                                   bos_token_id=0, eos_token_id=1, pad_token_id=1, tie_word_embeddings=False,
+                                   attn_implementation="eager")
+    model = transformers.LlamaForCausalLM(cfg).float().eval()
+    model.save_pretrained(path, safe_serialization=True)
+
+
+def make_mc_items(n: int, seed: int = 0, empty_every: int = 0) -> list[dict]:
+    """``n`` four-choice items ``{context, choices, label}``; with ``empty_every`` every so many items
+    has an empty context (lm-eval prefixes the end-of-text / BOS token then)."""
+    rng = random.Random(seed + 1)
+    items = []
+    for i in range(n):
+        ctx = "" if empty_every and i % empty_every == 0 else _sentence(rng, 4, 20) + ":"
+        items.append({"context": ctx, "choices": [_sentence(rng, 1, 4) for _ in range(4)], "label": rng.randrange(4)})
+    return items
+
+
+def write_mc_task(dir: Path, items: list[dict], name: str = "tiny_mc") -> Path:
+    """Our ``--mc`` JSONL and an lm-eval task YAML over the same file (``dataset_path: json``, local
+    ``data_files``: read offline). Returns the JSONL path."""
+    dir.mkdir(parents=True, exist_ok=True)
+    data = dir / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(it) + "\n" for it in items))
+    (dir / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data.absolute()}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: context\ndoc_to_choice: choices\n"
+        'doc_to_target: label\ntarget_delimiter: " "\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n')
+    return data
+
+
+def write_gen_task(dir: Path, prompts: list[str], name: str = "tiny_gen", max_gen_toks: int = 12,
+                   until: tuple[str, ...] = (".",)) -> Path:
+    """A ``generate_until`` task over ``prompts`` (greedy, stop sequences ``until``, ``max_gen_toks``)."""
+    dir.mkdir(parents=True, exist_ok=True)
+    data = dir / f"{name}.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "target": "x"}) + "\n" for p in prompts))
+    stops = ", ".join(json.dumps(u) for u in until)
+    (dir / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data.absolute()}\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: prompt\ndoc_to_target: target\n"
+        f"generation_kwargs:\n  until: [{stops}]\n  max_gen_toks: {max_gen_toks}\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n")
+    return data
+
+
+def _timed(cmd: list[str], env: dict) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed:\n{out.stderr[-3000:]}")
+    return wall, out.stdout + out.stderr
+
+
+def bench_eval(args) -> int:
+    """Wall time of our CLI, ``lm_eval --model qsparse_jax`` and ``lm_eval --model hf`` on the same model
+    and 240 requests, each a fresh process (start-up included, as a user sees it)."""
+    import tempfile
+
+    from .bench import machine
+
+    work = Path(args.out or tempfile.mkdtemp(prefix="qsparse-eval-bench-"))
+    model_dir, task_dir = work / "model", work / "tasks"
+    if not (model_dir / "config.json").is_file():
+        make_llama(model_dir)
+    data = write_mc_task(task_dir, make_mc_items(args.items))
+    env = {**os.environ, **OFFLINE_ENV, "HF_DATASETS_CACHE": str(work / "hf-datasets")}
+    py = sys.executable
+    lm = [py, "-m", "qsparse_jax.lm_eval_backend"]  # lm_eval's own CLI with our backend registered
+    common = ["--tasks", "tiny_mc", "--include_path", str(task_dir), "--batch_size", str(args.batch_size)]
+    runs = {
+        "ours (CLI, dense + sparse)": [py, "-m", "qsparse_jax.eval", "--hf", str(model_dir), "--mc", str(data),
+                                       "--sparsity", "0.4", "--batch-size", str(args.batch_size), "--stats"],
+        "ours (CLI, dense only)": [py, "-m", "qsparse_jax.eval", "--hf", str(model_dir), "--mc", str(data),
+                                   "--dense-only", "--batch-size", str(args.batch_size), "--stats"],
+        "lm_eval --model qsparse_jax": lm + ["--model", "qsparse_jax", "--model_args", f"hf={model_dir}"] + common,
+        "lm_eval --model hf": lm + ["--model", "hf", "--model_args", f"pretrained={model_dir},dtype=float32"]
+        + common + ["--device", "cpu"],
+    }
+    walls: dict[str, list[float]] = {k: [] for k in runs}
+    logs = {}
+    for _ in range(args.repeats):  # interleaved, so load from other jobs hits every run alike
+        for name, cmd in runs.items():
+            wall, logs[name] = _timed(cmd, env)
+            walls[name].append(wall)
+    best = {k: min(v) for k, v in walls.items()}
+    stats = [json.loads(line[len("stats: "):]) for line in logs["ours (CLI, dense + sparse)"].splitlines()
+             if line.startswith("stats: ")]
+    ref = best["lm_eval --model hf"]
+    print(f"{len(make_mc_items(args.items)) * 4} loglikelihood requests, batch size {args.batch_size}, "
+          f"best of {args.repeats}, {machine()}")
+    print(f"{'run':<30} {'wall s':>8} {'/ lm_eval hf':>13}")
+    for name, w in best.items():
+        print(f"{name:<30} {w:>8.2f} {w / ref:>12.2f}x")
+    if stats:
+        print("our CLI per column: " + "; ".join(
+            f"{s['column']}: {s['compiles']} compiles, {s['buckets']} buckets, {s['score_s']:.2f} s scoring"
+            for s in stats))
+    return 0
