@@ -6,6 +6,10 @@ do not pay for importing JAX.
 
 import importlib
 
+from . import _quiet_tpu
+
+_quiet_tpu.apply()  # libtpu installed, no TPU chip: JAX skips the TPU runtime (and its page of warnings)
+
 __version__ = "0.1.0"
 _EXPORTS = {"ConfigError": "errors", "ModelConfig": "config", "SparsityConfig": "config", "Transformer": "model",
             "activated_params": "model", "cross_entropy": "model", "functional": "model",

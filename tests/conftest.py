@@ -7,3 +7,8 @@ from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True)
 settings.load_profile("ci")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "libtpu: compiles for TPU through libtpu (the tpu extra, in dev); skipped where "
+                                       "libtpu is not installed; deselect with -m 'not libtpu'")
