@@ -6,6 +6,8 @@ same dense layer (and against a ``lax.top_k`` formulation, the obvious way to wr
 sparsity against the same model dense.
 ``python -m qsparse_jax.bench kernels [--quick]``: ``kernels.qsparse_matmul`` (top-K, int8, packed
 ternary weights) against a dense matmul, with bytes/s and the memory-bandwidth roofline.
+``python -m qsparse_jax.bench eval``: our eval CLI and ``lm_eval --model qsparse_jax`` against
+``lm_eval --model hf`` on a tiny local model and 240 requests (``bench_eval.py``).
 """
 
 from __future__ import annotations
@@ -233,7 +235,19 @@ def main(argv=None) -> int:
     kn.add_argument("--repeats", type=int, default=5)
     kn.add_argument("--no-formulations", action="store_true", help="CPU: skip the accumulator formulations")
     kn.add_argument("--quick", action="store_true", help="4096x4096, batches 1 and 8, keep 100%% and 40%%, 3 repeats")
+    ev = sub.add_parser("eval", help="our eval CLI and lm_eval --model qsparse_jax vs lm_eval --model hf (issue 12)")
+    ev.add_argument("--items", type=int, default=60, help="four-choice items (4 requests each)")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--repeats", type=int, default=2, help="interleaved runs of each; the best is kept")
+    ev.add_argument("--out", default=None, help="work directory (default: a fresh temporary one)")
     args = p.parse_args(argv)
+    if args.cmd == "eval":
+        from .bench_eval import bench_eval
+
+        if min(args.items, args.batch_size, args.repeats) < 1:
+            print("error: --items, --batch-size and --repeats must be positive", file=sys.stderr)
+            return 2
+        return bench_eval(args)
     if args.cmd == "kernels":
         if args.quick:
             args.shapes, args.batches, args.keeps, args.repeats = [(4096, 4096)], [1, 8], [1.0, 0.4], 3

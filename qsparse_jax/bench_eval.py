@@ -133,13 +133,14 @@ def bench_eval(args) -> int:
     lm = [py, "-m", "qsparse_jax.lm_eval_backend"]  # lm_eval's own CLI with our backend registered
     common = ["--tasks", "tiny_mc", "--include_path", str(task_dir), "--batch_size", str(args.batch_size)]
     runs = {
-        "ours (CLI, dense + sparse)": [py, "-m", "qsparse_jax.eval", "--hf", str(model_dir), "--mc", str(data),
-                                       "--sparsity", "0.4", "--batch-size", str(args.batch_size), "--stats"],
-        "ours (CLI, dense only)": [py, "-m", "qsparse_jax.eval", "--hf", str(model_dir), "--mc", str(data),
-                                   "--dense-only", "--batch-size", str(args.batch_size), "--stats"],
-        "lm_eval --model qsparse_jax": lm + ["--model", "qsparse_jax", "--model_args", f"hf={model_dir}"] + common,
-        "lm_eval --model hf": lm + ["--model", "hf", "--model_args", f"pretrained={model_dir},dtype=float32"]
-        + common + ["--device", "cpu"],
+        "ours: eval CLI dense + sparse": [py, "-m", "qsparse_jax.eval", "--hf", str(model_dir), "--mc", str(data),
+                                          "--sparsity", "0.4", "--batch-size", str(args.batch_size), "--stats"],
+        "ours: eval CLI dense": [py, "-m", "qsparse_jax.eval", "--hf", str(model_dir), "--mc", str(data),
+                                 "--batch-size", str(args.batch_size), "--stats"],
+        "lm_eval --model qsparse_jax": lm + ["--model", "qsparse_jax", "--model_args", f"hf={model_dir}",
+                                            "--output_path", str(work / "out-qsparse_jax")] + common,
+        "lm_eval --model hf": lm + ["--model", "hf", "--model_args", f"pretrained={model_dir},dtype=float32",
+                                   "--device", "cpu", "--output_path", str(work / "out-hf")] + common,
     }
     walls: dict[str, list[float]] = {k: [] for k in runs}
     logs = {}
@@ -148,16 +149,21 @@ def bench_eval(args) -> int:
             wall, logs[name] = _timed(cmd, env)
             walls[name].append(wall)
     best = {k: min(v) for k, v in walls.items()}
-    stats = [json.loads(line[len("stats: "):]) for line in logs["ours (CLI, dense + sparse)"].splitlines()
-             if line.startswith("stats: ")]
     ref = best["lm_eval --model hf"]
-    print(f"{len(make_mc_items(args.items)) * 4} loglikelihood requests, batch size {args.batch_size}, "
-          f"best of {args.repeats}, {machine()}")
-    print(f"{'run':<30} {'wall s':>8} {'/ lm_eval hf':>13}")
+    print(f"{args.items * 4} loglikelihood requests ({args.items} four-choice items), batch size {args.batch_size}, "
+          f"best of {args.repeats} interleaved runs, each a fresh process; {machine()}")
+    print(f"{'run':<32} {'wall s':>8} {'/ lm_eval hf':>13}   all runs")
     for name, w in best.items():
-        print(f"{name:<30} {w:>8.2f} {w / ref:>12.2f}x")
-    if stats:
-        print("our CLI per column: " + "; ".join(
-            f"{s['column']}: {s['compiles']} compiles, {s['buckets']} buckets, {s['score_s']:.2f} s scoring"
-            for s in stats))
+        print(f"{name:<32} {w:>8.2f} {w / ref:>12.2f}x   {', '.join(f'{x:.2f}' for x in walls[name])}")
+    for name in ("ours: eval CLI dense + sparse", "ours: eval CLI dense"):
+        stats = [json.loads(line[len("stats: "):]) for line in logs[name].splitlines() if line.startswith("stats: ")]
+        print(f"{name}: " + "; ".join(f"{s['column']} column {s['compiles']} compiles for {s['buckets']} bucket widths, "
+                                      f"{s['compile_s']:.2f} s compiling, {s['score_s']:.2f} s in all" for s in stats))
+    for tag in ("qsparse_jax", "hf"):
+        res = sorted((work / f"out-{tag}").rglob("results_*.json"))
+        if res:
+            r = json.loads(res[-1].read_text())
+            m = r["results"]["tiny_mc"]
+            info = (f", {r['config']['qsparse_jax_compiles']} compiles" if "qsparse_jax_compiles" in r["config"] else "")
+            print(f"lm_eval --model {tag}: acc {m['acc,none']:.4f}, acc_norm {m['acc_norm,none']:.4f}{info}")
     return 0

@@ -130,7 +130,8 @@ class QSparseJaxLM(TemplateLM):
     def get_model_info(self) -> dict:
         return {"qsparse_jax_source": self.loaded.source,
                 "qsparse_jax_sparsity": {g: getattr(self.sparsity, g) for g in ("qkv", "out", "gate_up", "down")},
-                "qsparse_jax_kernels": self.config.kernels}
+                "qsparse_jax_kernels": self.config.kernels, "qsparse_jax_compiles": self._scorer.compiles,
+                "qsparse_jax_decoders": len(self._decoders)}
 
     # --- scoring ----------------------------------------------------------------------------------
     def _score(self, pairs: list[tuple[list[int], list[int]]], desc: str, disable_tqdm: bool):
@@ -185,19 +186,19 @@ class QSparseJaxLM(TemplateLM):
             raise ConfigError(f"max_gen_toks must be in [1, max_length {self.max_length}), got {max_gen}")
         return tuple(until), max_gen, temperature
 
-    def _decoder(self, rows: int, plen: int, max_gen: int, temperature: float):
-        from .generate import make_generate
-
-        key = (rows, plen, max_gen, temperature)
+    def _decoder(self, rows: int, width: int, max_gen: int, temperature: float):
+        key = (rows, width, max_gen, temperature)
         if key not in self._decoders:
-            self._decoders[key] = make_generate(self.apply, self.config, rows, plen, max(max_gen, 2), temperature)
+            self._decoders[key] = make_padded_generate(self.apply, self.config, rows, width, max_gen, temperature)
         return self._decoders[key]
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Requests with the same options and context length decode together, ``batch_size`` at a time
-        (the KV cache holds one length per batch, so contexts are not padded)."""
+        """Requests with the same options and context length decode together, up to ``batch_size`` rows (a
+        power of two at most, so row counts come in few shapes); contexts are right-padded to a bucket
+        width, so one decoder is compiled per (rows, width, options), not per context length."""
         import jax
-        from tqdm import tqdm
+
+        from .eval import bucket_widths
 
         jobs: dict = {}
         for i, req in enumerate(requests):
@@ -206,17 +207,20 @@ class QSparseJaxLM(TemplateLM):
             ids = self.tok_encode(context)[-(self.max_length - max_gen):] or [self.prefix_token_id]
             jobs.setdefault((until, max_gen, temperature, len(ids)), []).append((i, ids))
         out: list[str | None] = [None] * len(requests)
+        from tqdm import tqdm
+
         bar = tqdm(total=len(requests), desc="generate_until requests", disable=disable_tqdm or None, file=sys.stderr)
         key = jax.random.key(0)
-        for (until, max_gen, temperature, plen), items in jobs.items():
+        for (until, max_gen, temperature, plen), items in sorted(jobs.items(), key=lambda kv: -kv[0][3]):
+            width = next(w for w in bucket_widths(self.max_length - max_gen) if w >= plen)
             for s in range(0, len(items), self.batch_size):
                 chunk = items[s:s + self.batch_size]
-                prompt = np.asarray([ids for _, ids in chunk], np.int32)
-                prefill, decode = self._decoder(len(chunk), plen, max_gen, temperature)
-                key, k1, k2 = jax.random.split(key, 3)
-                first, cache = prefill(self.params, prompt, k1)
-                toks = np.asarray(decode(self.params, first, cache, k2))[:, :max_gen]
-                for (i, _), row in zip(chunk, toks):
+                rows = min(1 << (len(chunk) - 1).bit_length(), self.batch_size)
+                prompt = np.zeros((rows, width), np.int32)
+                prompt[:len(chunk), :plen] = [ids for _, ids in chunk]
+                key, sub = jax.random.split(key)
+                toks = np.asarray(self._decoder(rows, width, max_gen, temperature)(self.params, prompt, plen, sub))
+                for (i, _), row in zip(chunk, toks[:, :max_gen]):
                     row = row.tolist()
                     if self.eot_token_id in row:  # generation ends at end-of-text, as transformers' generate
                         row = row[:row.index(self.eot_token_id)]
@@ -229,6 +233,44 @@ class QSparseJaxLM(TemplateLM):
                 bar.update(len(chunk))
         bar.close()
         return out
+
+
+def make_padded_generate(apply, config, rows: int, width: int, max_new: int, temperature: float = 0.0):
+    """Jitted ``run(params, prompt [rows, width], plen, key) -> tokens [rows, max(max_new, 2)]``: the prompt's
+    first ``plen`` tokens (the same for every row; the rest is padding) are prefilled in one pass, then
+    decoding continues from position ``plen`` with the KV cache. Right padding is harmless: causal
+    attention keeps positions < plen from seeing it, and setting the cache index to ``plen`` masks the
+    padded keys and makes decoding overwrite them. ``plen`` is traced, so one program serves every
+    prompt length up to ``width``."""
+    import jax
+    import jax.numpy as jnp
+
+    from .generate import _pick
+    from .model import init_cache
+
+    steps = max(max_new, 2)
+
+    @jax.jit
+    def run(params, prompt, plen, key):
+        logits, cache = apply(params, prompt, cache=init_cache(config, rows, width + steps))
+        last = jax.lax.dynamic_index_in_dim(logits, plen - 1, axis=1, keepdims=False)
+        if isinstance(cache, dict):  # scan_layers: one dict, a leading layer axis
+            cache = {**cache, "index": jnp.full_like(cache["index"], plen)}
+        else:
+            cache = [{**c, "index": jnp.asarray(plen, c["index"].dtype)} for c in cache]
+        k0, key = jax.random.split(key)
+        first = _pick(last, k0, temperature)
+
+        def step(carry, k):
+            tok, cache = carry
+            logits, cache = apply(params, tok[:, None], cache=cache)
+            nxt = _pick(logits[:, -1], k, temperature)
+            return (nxt, cache), nxt
+
+        _, rest = jax.lax.scan(step, (first, cache), jax.random.split(key, steps - 1))
+        return jnp.concatenate([first[:, None], rest.T], axis=1)
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,9 @@ os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="qsparse-test
 
 import json  # noqa: E402
 import random  # noqa: E402
+import re  # noqa: E402
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -23,7 +25,7 @@ import qsparse_jax.lm_eval_backend  # noqa: E402,F401  (registers "qsparse_jax")
 from qsparse_jax import bench_eval  # noqa: E402
 from qsparse_jax.eval import main as eval_main  # noqa: E402
 
-GEN_PROMPTS = ["the cat", "a red bird sees the", "king queen", "water fire earth wind"]
+GEN_PROMPTS = ["the cat", "a red bird sees the", "king queen", "water fire earth wind", "the cat", "the cat"]
 
 
 def _ppl_docs(n=3, words=260, seed=5):
@@ -52,11 +54,12 @@ def setup(tmp_path_factory):
 
 
 def _evaluate(setup, model, model_args, tasks=("tiny_mc", "tiny_ppl", "tiny_gen"), **kw):
-    root = setup[0]
+    # only our tasks: indexing lm-eval's thousands of built-in task files takes seconds
+    tasks_dir = str(setup[0] / "tasks")
     out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=list(tasks), batch_size=16,
-                                  device="cpu", log_samples=True, task_manager=TaskManager(include_path=str(root / "tasks")),
-                                  **kw)
-    return out["results"], out["samples"]
+                                  device="cpu", log_samples=True,
+                                  task_manager=TaskManager(include_path=tasks_dir, include_defaults=False), **kw)
+    return out["results"], out["samples"], out["config"]
 
 
 def _resps(samples, task):
@@ -70,8 +73,8 @@ def hf_run(setup):
 
 def test_dense_backend_matches_lm_eval_hf_request_by_request(setup, hf_run, capsys):
     root, mc, items = setup
-    hf_res, hf_samples = hf_run
-    res, samples = _evaluate(setup, "qsparse_jax", f"hf={root / 'model'}")
+    hf_res, hf_samples, _ = hf_run
+    res, samples, config = _evaluate(setup, "qsparse_jax", f"hf={root / 'model'}")
     for metric in ("acc,none", "acc_norm,none"):
         assert res["tiny_mc"][metric] == hf_res["tiny_mc"][metric]
     ours, theirs = _resps(samples, "tiny_mc"), _resps(hf_samples, "tiny_mc")
@@ -83,8 +86,10 @@ def test_dense_backend_matches_lm_eval_hf_request_by_request(setup, hf_run, caps
     for doc, (ll,) in _resps(samples, "tiny_ppl").items():
         assert abs(float(ll) - float(_resps(hf_samples, "tiny_ppl")[doc][0])) < 1e-3
     assert res["tiny_ppl"]["bits_per_byte,none"] == pytest.approx(hf_res["tiny_ppl"]["bits_per_byte,none"], rel=1e-6)
-    # generate_until: greedy through the KV-cache decoder, cut at the stop sequence, the same strings
+    # generate_until: greedy through the KV-cache decoder, cut at the stop sequence, the same strings; prompts of
+    # four lengths share one decoder per row count (1, and 4 for the three equal prompts plus a padding row)
     assert _resps(samples, "tiny_gen") == _resps(hf_samples, "tiny_gen")
+    assert config["qsparse_jax_decoders"] == 2 and config["qsparse_jax_compiles"] <= 8
 
     # our CLI's dense column is lm-eval's accuracy on the same items; its sparse column is the backend's with
     # the same sparsity given per projection group
@@ -96,24 +101,29 @@ def test_dense_backend_matches_lm_eval_hf_request_by_request(setup, hf_run, caps
 
 
 def test_greedy_decoding_matches_transformers_token_for_token(setup):
+    """The backend's decoder (prompt right-padded to a bucket width, one program for every prompt length)
+    produces transformers' greedy tokens."""
     import torch
     import transformers
 
-    from qsparse_jax.generate import generate
     from qsparse_jax.config import SparsityConfig
     from qsparse_jax.inference import load, variant
+    from qsparse_jax.lm_eval_backend import make_padded_generate
 
     root = setup[0]
     hf = transformers.LlamaForCausalLM.from_pretrained(root / "model").float().eval()
     ld = load(hf=str(root / "model"))
     apply, params = variant(ld.model, SparsityConfig())
-    for prompt in GEN_PROMPTS:
-        ids = ld.tokenizer.encode(prompt).astype(np.int32)[None]
-        ours, _ = generate(apply, params, apply.config, ids, 12)
+    run = make_padded_generate(apply, apply.config, rows=1, width=16, max_new=12)
+    for prompt in sorted(set(GEN_PROMPTS)):
+        ids = ld.tokenizer.encode(prompt).astype(np.int32)
+        padded = np.zeros((1, 16), np.int32)
+        padded[0, :len(ids)] = ids
+        ours = np.asarray(run(params, padded, len(ids), jax.random.key(0)))[0]
         with torch.no_grad():
-            want = hf.generate(torch.as_tensor(ids, dtype=torch.long), max_new_tokens=12, do_sample=False,
-                               pad_token_id=1)[0, ids.shape[1]:].numpy()
-        np.testing.assert_array_equal(ours[0, :len(want)], want)
+            want = hf.generate(torch.as_tensor(ids[None], dtype=torch.long), max_new_tokens=12, do_sample=False,
+                               pad_token_id=1)[0, len(ids):].numpy()
+        np.testing.assert_array_equal(ours[:len(want)], want)
 
 
 def test_checkpoint_with_kernels_scores_like_the_fake_quant_path(setup, tmp_path):
@@ -133,21 +143,28 @@ def test_checkpoint_with_kernels_scores_like_the_fake_quant_path(setup, tmp_path
     ckpt = import_hf(str(tmp_path / "bitnet"), str(tmp_path / "run"))
     lls = {}
     for kernels in ("on", "off"):
-        _, samples = _evaluate(setup, "qsparse_jax", f"ckpt={ckpt},kernels={kernels},sparsity=0.5", tasks=["tiny_mc"],
+        _, samples, _ = _evaluate(setup, "qsparse_jax", f"ckpt={ckpt},kernels={kernels},sparsity=0.5", tasks=["tiny_mc"],
                                limit=4)
         lls[kernels] = np.asarray([float(r[0][0]) for s in samples["tiny_mc"] for r in s["resps"]])
     assert len(lls["on"]) == 16
     np.testing.assert_allclose(lls["on"], lls["off"], atol=1e-3)
 
 
-def test_backend_cli_errors_are_one_line(setup, capsys):
-    from qsparse_jax.lm_eval_backend import main
+def test_backend_user_errors_are_one_line(setup, capsys):
+    from qsparse_jax.config import ConfigError
+    from qsparse_jax.lm_eval_backend import QSparseJaxLM, main
 
     root = setup[0]
-    base = ["--model", "qsparse_jax", "--tasks", "tiny_mc", "--include_path", str(root / "tasks")]
-    for args, msg in ((f"hf={root / 'model'},spasity=0.4", "unknown --model_args key(s) spasity"),
-                      (f"hf={root / 'nope'}", "hf: no such directory"),
-                      (f"hf={root / 'model'},sparsity=2", "must be a number in [0, 1)")):
-        assert main(base + ["--model_args", args]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert err[-1].startswith("error: ") and msg in err[-1], err[-3:]
+    for kw, msg in ((dict(hf=root / "model", spasity=0.4), "unknown --model_args key(s) spasity"),
+                    (dict(hf=root / "nope"), "hf: no such directory"),
+                    (dict(hf=root / "model", sparsity=2), "must be a number in [0, 1)"),
+                    (dict(hf=root / "model", batch_size="x"), "batch_size must be a positive integer")):
+        with pytest.raises(ConfigError, match=re.escape(msg)):
+            QSparseJaxLM(**kw)
+    # through lm-eval's CLI: one line, exit status 2
+    args = ["--model", "qsparse_jax", "--model_args", f"hf={root / 'model'},spasity=0.4", "--tasks", "tiny_mc",
+            "--include_path", str(root / "tasks")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("error: unknown --model_args key(s) spasity for qsparse_jax; known: "
+                       + ", ".join(qsparse_jax.lm_eval_backend.MODEL_ARGS))
