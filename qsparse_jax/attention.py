@@ -205,8 +205,8 @@ def resolve(impl: str, spec: MaskSpec, platform: str | None = None) -> str:
         impl = {"tpu": "flash", "gpu": "cudnn"}.get(platform, "xla")
     if impl == "cudnn" and (not spec.by_index or spec.q_seg is not None):
         return "chunked"
-    if impl == "flash" and (not spec.by_index or spec.window is not None):
-        return "chunked"
+    if impl == "flash" and (not spec.by_index or spec.window is not None or spec.q_pos.shape[1] % 128):
+        return "chunked"  # the kernel's blocks are 128 tokens
     return impl
 
 

@@ -188,4 +188,74 @@ def main(cfg: Config, topology: str | None, config_name: str, json_out: str | No
     return 0
 
 
-__all__ = ["ConfigError", "abstract_batch", "bytes_per_device", "compile_step", "format_report", "main", "report"]
+# --- decoding ------------------------------------------------------------------------------------
+
+def decode_report(cfg: Config, topology: str | None = None, batch: int = 1, prompt_len: int = 128,
+                  new_tokens: int = 128, margin: float = 0.10, devices=None) -> dict:
+    """Compile ``generate``'s prefill and KV-cache decode loop for ``topology`` with the parameters
+    sharded by the rules table; report memory per device and the compiler's per-token time."""
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from .generate import make_generate
+    from .model import Transformer
+    from .sharding import activation_sharding, make_mesh, state_shardings
+
+    if topology:
+        devices, chip = tpu_devices(topology)
+    else:
+        devices = list(devices if devices is not None else jax.devices())
+        chip = chip_of(devices[0])
+    mesh = make_mesh(cfg.mesh, devices)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
+    shardings = state_shardings(params, mesh)
+    params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), params, shardings)
+    apply = lambda p, tokens, **kw: nnx.merge(graphdef, p)(tokens, **kw)
+    prefill, decode = make_generate(apply, cfg.model, batch, prompt_len, new_tokens)
+    rep = NamedSharding(mesh, PartitionSpec())
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
+    prompt = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=rep)
+    t0 = time.perf_counter()
+    with activation_sharding(mesh):
+        pre = prefill.lower(params, prompt, key).compile()
+        first, cache = jax.eval_shape(prefill, params, prompt, key)
+        first = jax.ShapeDtypeStruct(first.shape, first.dtype, sharding=rep)
+        dec = decode.lower(params, first, cache, key).compile()
+    seconds = time.perf_counter() - t0
+    out = {"topology": topology or f"{len(devices)} local {devices[0].platform} device(s)", "devices": len(devices),
+           "chip": chip.name if chip else None, "mesh": {k: int(v) for k, v in mesh.shape.items()},
+           "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+           "params_bytes_per_device": bytes_per_device(params), "compile_seconds": seconds,
+           "hbm_bytes": chip.hbm_bytes if chip else None}
+    for name, c in (("prefill", pre), ("decode", dec)):
+        m = c.memory_analysis()
+        out[f"{name}_peak_bytes"] = int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                                        + m.temp_size_in_bytes)
+        # the decode loop is a lax.scan: its cost analysis counts one step (module docstring)
+        out[f"{name}_seconds_estimate"] = _cost(c)["seconds"] or None
+    peak = max(out["prefill_peak_bytes"], out["decode_peak_bytes"])
+    out["fits"] = None if chip is None else peak <= chip.hbm_bytes * (1 - margin)
+    out["peak_bytes"], out["required_margin"] = peak, margin
+    step = out["decode_seconds_estimate"]
+    out["decode_tokens_per_s_estimate"] = batch / step if step else None
+    return out
+
+
+def format_decode_report(r: dict, config_name: str = "") -> str:
+    g = lambda b: f"{b / GIB:,.2f} GiB"
+    lines = [f"compile-only decode {config_name} for {r['topology']}: {r['devices']} x {r['chip'] or 'device'}, "
+             f"mesh {' '.join(f'{k}={v}' for k, v in r['mesh'].items())}, batch {r['batch']}, prompt {r['prompt_len']} "
+             f"+ {r['new_tokens']} new tokens",
+             f"  per device: parameters {g(r['params_bytes_per_device'])}; peak prefill {g(r['prefill_peak_bytes'])}, "
+             f"decode loop {g(r['decode_peak_bytes'])} (KV cache included)"]
+    if r["hbm_bytes"]:
+        lines.append(f"  HBM {g(r['hbm_bytes'])}: {'fits' if r['fits'] else 'DOES NOT FIT'}")
+    if r["decode_tokens_per_s_estimate"]:
+        lines.append(f"  compiler's estimate: {1e3 * r['decode_seconds_estimate']:.2f} ms per decode step -> "
+                     f"{r['decode_tokens_per_s_estimate']:,.0f} tokens/s")
+    lines.append(f"  compile time {r['compile_seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+__all__ = ["ConfigError", "abstract_batch", "bytes_per_device", "compile_step", "decode_report", "format_decode_report",
+           "format_report", "main", "report"]

@@ -98,6 +98,28 @@ def _load(args):
     return ld.model, ld.tokenizer
 
 
+def _compile_only(args) -> int:
+    from .compile_only import decode_report, format_decode_report
+    from .config import load_config
+
+    try:
+        if not args.config:
+            raise ConfigError("--compile_only needs --config (the model to compile; no weights are read)")
+        if args.batch < 1 or args.prompt_len < 1 or args.max_new_tokens < 2:
+            raise ConfigError("--batch and --prompt_len must be positive and --max-new-tokens at least 2")
+        cfg = load_config(args.config, args.overrides)
+        if args.sparsity is not None:
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, model=cfg.model.replace(sparsity=SparsityConfig.uniform(args.sparsity)))
+        r = decode_report(cfg, args.topology, args.batch, args.prompt_len, args.max_new_tokens)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_decode_report(r, args.config))
+    return 1 if r["fits"] is False else 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m qsparse_jax.generate", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -115,7 +137,14 @@ def main(argv=None) -> int:
                    help="1.58-bit models: decode through the packed int8 x ternary kernels (weights packed once)")
     p.add_argument("--bits", type=float, default=2, choices=[2, 1.6], help="packed weight format with --kernels")
     p.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json (default: the model's)")
+    p.add_argument("--compile_only", action="store_true",
+                   help="with --config: compile prefill + KV-cache decode for --topology (or the local devices) "
+                        "and report memory and the compiler's tokens/s; nothing runs")
+    p.add_argument("--topology", help="with --compile_only: a TPU slice, e.g. v5e-8, v5p-128")
+    p.add_argument("--prompt_len", type=int, default=128, help="with --compile_only: prompt length in tokens")
     args = p.parse_args(argv)
+    if args.compile_only:
+        return _compile_only(args)
     from absl import logging as absl_logging
 
     from .inference import variant

@@ -89,3 +89,15 @@ def test_7b_configs_fit_a_v5p_128_at_their_own_batch_size(config):
     r = report(cfg, "v5p-128", costs=False)
     assert r["devices"] == 64 and r["batch_size"] == cfg.data.batch_size == 256
     assert r["fits"] is True and r["margin"] >= 0.10, r
+
+
+def test_generate_compile_only_reports_the_decode_loop(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "qsparse_jax.generate", "--config", "configs/tiny.yaml", "--compile_only",
+                        "--batch", "2", "--prompt_len", "16", "--max-new-tokens", "8"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert "batch 2, prompt 16 + 8 new tokens" in p.stdout and "decode loop" in p.stdout
+    bad = subprocess.run([sys.executable, "-m", "qsparse_jax.generate", "--hf", str(tmp_path), "--compile_only"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "error: --compile_only needs --config (the model to compile; no weights are read)")
