@@ -30,12 +30,19 @@ from __future__ import annotations
 import logging
 import sys
 
-import lm_eval.models  # noqa: F401  lm-eval registers its own models only into an empty registry: first
 import numpy as np
-from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
 
 from .config import ConfigError
+
+try:
+    import lm_eval.models  # noqa: F401  lm-eval registers its own models only into an empty registry: first
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+except ImportError:  # the base install: the console script still says what to install, in one line
+    _MISSING = 'the lm-eval backend needs lm-evaluation-harness: pip install -e ".[eval]"'
+    TemplateLM, register_model = object, (lambda *names: (lambda cls: cls))
+else:
+    _MISSING = None
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +80,8 @@ class QSparseJaxLM(TemplateLM):
     def __init__(self, hf: str | None = None, ckpt: str | None = None, sparsity=None, qkv=None, out=None,
                  gate_up=None, down=None, block_size=None, kernels="off", bits=2, tokenizer: str | None = None,
                  max_length=None, max_gen_toks=256, batch_size=None, max_batch_size=None, device=None, **unknown):
+        if _MISSING:
+            raise ConfigError(_MISSING)
         super().__init__()
         if unknown:
             raise ConfigError(f"unknown --model_args key(s) {', '.join(sorted(unknown))} for qsparse_jax; "
@@ -275,6 +284,9 @@ def make_padded_generate(apply, config, rows: int, width: int, max_new: int, tem
 
 def main(argv: list[str] | None = None) -> int:
     """lm-eval's CLI with this backend registered; our configuration errors are one line, exit 2."""
+    if _MISSING:
+        print(f"error: {_MISSING}", file=sys.stderr)
+        return 2
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
