@@ -6,6 +6,8 @@ same dense layer (and against a ``lax.top_k`` formulation, the obvious way to wr
 sparsity against the same model dense.
 ``python -m qsparse_jax.bench kernels [--quick]``: ``kernels.qsparse_matmul`` (top-K, int8, packed
 ternary weights) against a dense matmul, with bytes/s and the memory-bandwidth roofline.
+``python -m qsparse_jax.bench all --out DIR [--quick]``: on a lent GPU / TPU, the native kernel and sharded
+train-step checks, the kernel table, the train-step ratio and decode tokens/s in one call (``bench_all``).
 ``python -m qsparse_jax.bench eval``: our eval CLI and ``lm_eval --model qsparse_jax`` against
 ``lm_eval --model hf`` on a tiny local model and 240 requests (``bench_eval.py``).
 """
@@ -240,7 +242,14 @@ def main(argv=None) -> int:
     ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument("--repeats", type=int, default=2, help="interleaved runs of each; the best is kept")
     ev.add_argument("--out", default=None, help="work directory (default: a fresh temporary one)")
+    from .bench_all import add_parser as _add_all
+
+    _add_all(sub)  # bench all: checks, kernels, train step, decode -> report.md + report.json
     args = p.parse_args(argv)
+    if args.cmd == "all":
+        from .bench_all import bench_all
+
+        return bench_all(args)
     if args.cmd == "eval":
         from .bench_eval import bench_eval
 
