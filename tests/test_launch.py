@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["tpu/launch.sh", "tpu/create.sh", "tpu/delete.sh", "slurm/train.sbatch", ".ci/run"]
+SCRIPTS = ["tpu/launch.sh", "tpu/create.sh", "tpu/delete.sh", "tpu/common.sh", "slurm/train.sbatch", ".ci/run"]
 REF = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -62,7 +62,7 @@ def _shellcheck() -> str:
 
 
 def test_scripts_pass_shellcheck():
-    p = subprocess.run([_shellcheck(), "--severity=style", *SCRIPTS], cwd=ROOT, capture_output=True, text=True,
+    p = subprocess.run([_shellcheck(), "--severity=style", "--external-sources", *SCRIPTS], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
 

@@ -12,13 +12,9 @@
 set -euo pipefail
 
 USAGE="tpu/create.sh [--dry-run] [--tpu NAME] [--zone ZONE] [--project ID] --type ACCEL [--version RUNTIME] [--queued [--wait]] [--spot] [--reserved]"
-fail() {  # a user mistake: one line on stderr, exit 2
-  echo "tpu/create.sh: $*" >&2
-  exit 2
-}
-need_value() {
-  if [ "$2" -lt 2 ]; then fail "$1 needs a value; usage: $USAGE"; fi
-}
+PROG="tpu/create.sh"
+# shellcheck source=tpu/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 dry_run=0; queued=0; wait_active=0; spot=0; reserved=0
 tpu="${TPU:-}"; zone="${ZONE:-}"; project="${PROJECT:-}"; accel=""; version=""

@@ -8,13 +8,9 @@
 set -euo pipefail
 
 USAGE="tpu/delete.sh [--dry-run] [--tpu NAME] [--zone ZONE] [--project ID] [--queued] [--yes]"
-fail() {  # a user mistake: one line on stderr, exit 2
-  echo "tpu/delete.sh: $*" >&2
-  exit 2
-}
-need_value() {
-  if [ "$2" -lt 2 ]; then fail "$1 needs a value; usage: $USAGE"; fi
-}
+PROG="tpu/delete.sh"
+# shellcheck source=tpu/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 dry_run=0; queued=0; yes=0
 tpu="${TPU:-}"; zone="${ZONE:-}"; project="${PROJECT:-}"

@@ -13,13 +13,9 @@
 set -euo pipefail
 
 USAGE="tpu/launch.sh [--dry-run] [--tpu NAME] [--zone ZONE] [--project ID] [--repo URL] [--ref REV] [--extras LIST] [--] TRAIN_ARGS..."
-fail() {  # a user mistake: one line on stderr, exit 2
-  echo "tpu/launch.sh: $*" >&2
-  exit 2
-}
-need_value() {
-  if [ "$2" -lt 2 ]; then fail "$1 needs a value; usage: $USAGE"; fi
-}
+PROG="tpu/launch.sh"
+# shellcheck source=tpu/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 dry_run=0
