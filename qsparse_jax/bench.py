@@ -87,29 +87,35 @@ def bench_topk(args) -> int:
     return 0
 
 
+def step_runners(cfgs: dict, batch) -> dict:
+    """name → ``run()``: one train step of that config on ``batch`` (returns the loss; the donated state
+    is carried along from call to call)."""
+    from .trainer import make_train_step, setup
+
+    fns = {}
+    for name, c in cfgs.items():
+        s, state = setup(c)
+        step, b, holder = make_train_step(s), jax.device_put(batch, s.batch_sharding), [state]
+
+        def run(step=step, b=b, holder=holder):
+            holder[0], m = step(holder[0], b)
+            return m["loss"]
+
+        fns[name] = run
+    return fns
+
+
 def bench_step(args) -> int:
     """Train-step time of a config with its sparsity vs the same model dense, interleaved in one run."""
     import numpy as np
 
     from .config import load_config
-    from .trainer import make_train_step, setup
 
     cfg = load_config(args.config, args.overrides)
     dense = load_config(args.config, [*args.overrides, *(f"model.sparsity.{g}=0" for g in
                                                           ("qkv", "out", "gate_up", "down"))])
     batch = np.random.default_rng(0).integers(0, 256, (cfg.data.batch_size, cfg.data.seq_len + 1), dtype=np.int32)
-    fns, states = {}, {}
-    for name, c in (("dense", dense), ("q-sparse", cfg)):
-        s, state = setup(c)
-        step = make_train_step(s)
-        b = jax.device_put(batch, s.batch_sharding)
-        states[name] = [state]
-
-        def run(step=step, b=b, name=name):  # the state is donated: carry it along
-            states[name][0], m = step(states[name][0], b)
-            return m["loss"]
-
-        fns[name] = run
+    fns = step_runners({"dense": dense, "q-sparse": cfg}, batch)
     t = time_interleaved(fns, (), args.repeats)
     sp = cfg.model.sparsity
     print(f"train step, {args.config} {' '.join(args.overrides)} (batch {cfg.data.batch_size} x {cfg.data.seq_len}, "

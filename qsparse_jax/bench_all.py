@@ -162,8 +162,8 @@ def _cut_7b(p: dict, config: str, extra=()) -> list[str]:
 
 def section_step(p: dict) -> dict:
     from .config import load_config
-    from .trainer import flops_per_token, make_train_step, setup
-    from .bench import time_interleaved
+    from .trainer import flops_per_token
+    from .bench import step_runners, time_interleaved
 
     over = _cut_7b(p, "configs/7b-qsparse.yaml")
     cfgs = {"dense": load_config(str(_root() / "configs/7b-qsparse.yaml"),
@@ -171,21 +171,12 @@ def section_step(p: dict) -> dict:
             "q-sparse": load_config(str(_root() / "configs/7b-qsparse.yaml"), over)}
     vocab = cfgs["dense"].model.vocab_size
     batch = np.random.default_rng(0).integers(0, vocab, (p["step_batch"], p["step_seq"] + 1), dtype=np.int32)
-    fns, states, compile_s = {}, {}, {}
-    for name, c in cfgs.items():
+    compile_s = {}
+    fns = step_runners(cfgs, batch)
+    for name, run in fns.items():
         t0 = time.perf_counter()
-        s, state = setup(c)
-        step = make_train_step(s)
-        b = jax.device_put(batch, s.batch_sharding)
-        states[name] = [state]
-
-        def run(step=step, b=b, name=name):  # the state is donated: carry it along
-            states[name][0], m = step(states[name][0], b)
-            return m["loss"]
-
         jax.block_until_ready(run())
         compile_s[name] = time.perf_counter() - t0
-        fns[name] = run
     t = time_interleaved(fns, (), p["step_repeats"])
     tokens = p["step_batch"] * p["step_seq"]
     rows = [{"variant": name, "ms": t[name] * 1e3, "vs_dense": t[name] / t["dense"],
