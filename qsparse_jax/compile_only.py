@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import Config
-from .errors import ConfigError
 from .topology import GIB, Chip, chip_of, tpu_devices
 
 
@@ -257,5 +256,5 @@ def format_decode_report(r: dict, config_name: str = "") -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ConfigError", "abstract_batch", "bytes_per_device", "compile_step", "decode_report", "format_decode_report",
+__all__ = ["abstract_batch", "bytes_per_device", "compile_step", "decode_report", "format_decode_report",
            "format_report", "main", "report"]
