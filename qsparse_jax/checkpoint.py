@@ -72,12 +72,48 @@ def _read(path: str | Path, what: str, read):
         raise CheckpointError(f"{what}cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
 
 
-def restore_params(path: str | Path, like_params, what: str = "--init_from: "):
-    """Parameters only, from a checkpoint directory (its latest step) or a step directory (``--init_from``)."""
-    target = {"params": _abstract(like_params)}
-    args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
-    return _read(path, what, lambda mngr, step: mngr.restore(step, args=args)["state"]["params"])
+def restore_params(path: str | Path, like_params, what: str = "--init_from: ", allow_missing: bool = False):
+    """Parameters only, from a checkpoint directory (its latest step) or a step directory (``--init_from``).
+
+    With ``allow_missing``, leaves of ``like_params`` the checkpoint lacks (a method's added state: AST
+    masks, SLoRB, LTE routers, when starting from a dense model) keep their values: returns
+    ``(params, [missing paths])``."""
+    if not allow_missing:
+        target = {"params": _abstract(like_params)}
+        args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+        return _read(path, what, lambda mngr, step: mngr.restore(step, args=args)["state"]["params"])
+
+    def read(mngr, step):
+        meta = ocp.PyTreeCheckpointer().metadata(Path(mngr.directory) / str(step) / "state")
+        saved = getattr(meta, "item_metadata", meta)["params"]
+        have = {_plain_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(saved)[0]}
+        flat = jax.tree_util.tree_flatten_with_path(like_params)[0]
+        present = {_plain_path(p) for p, _ in flat} & have
+        sub = _prune(like_params, present)
+        target = {"params": _abstract(sub)}
+        args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+        loaded = mngr.restore(step, args=args)["state"]["params"]
+        got = {_plain_path(p): v for p, v in jax.tree_util.tree_flatten_with_path(loaded)[0]}
+        params = jax.tree_util.tree_map_with_path(lambda p, v: got.get(_plain_path(p), v), like_params)
+        missing = sorted("/".join(map(str, p)) for p in {_plain_path(p) for p, _ in flat} - have)
+        return params, missing
+
+    return _read(path, what, read)
+
+
+def _plain_path(path) -> tuple:
+    """A leaf's path as strings, without the trailing ``value`` of an nnx Variable (saved or live)."""
+    keys = tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+    return keys[:-1] if keys and keys[-1] == "value" else keys
+
+
+def _prune(state, keep: set):
+    """The ``nnx.State`` without the leaves whose path is not in ``keep``."""
+    from flax import nnx
+
+    return nnx.from_flat_state([(p, v) for p, v in state.flat_state() if tuple(map(str, p)) in keep])
 
 
 def read_config(path: str | Path, what: str = "") -> tuple[dict, Path]:

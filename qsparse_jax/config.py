@@ -60,6 +60,88 @@ class SparsityConfig:
         return any(getattr(self, g) > 0 for g in PROJECTION_GROUPS)
 
 
+@dataclass(frozen=True)
+class WeightSparsityConfig:
+    """AST (arXiv 2407.20584, SEEDS §2): N:M weight sparsity of every block linear, masks learned in training.
+
+    Forward ``W ⊙ M`` with a straight-through backward; masks re-chosen from ``|W|`` every ``mask_every``
+    optimizer steps (0: the mask stays fixed); annealed decay ``λ(t)·(¬M)⊙W`` added to the gradient,
+    ``λ(t) = min(decay_rate·t, decay_max)`` (the paper's LLaMA run: 2e-8 per step up to 6e-5 at step 3000);
+    SLoRB ``y += S·(X x)`` over groups of ``slorb_group`` inputs when ``slorb``.
+    """
+
+    n: int = 0  # kept per group; 0: off
+    m: int = 4
+    mask_every: int = 10
+    decay_rate: float = 2e-8
+    decay_max: float = 6e-5
+    slorb: bool = False
+    slorb_group: int = 16
+    slorb_train_x: bool = False  # X (the per-group input sums) trainable too
+
+    def __post_init__(self):
+        _require(isinstance(self.m, int) and self.m >= 2, f"model.weight_sparsity.m must be an integer >= 2, got {self.m!r}")
+        _require(isinstance(self.n, int) and 0 <= self.n < self.m,
+                 f"model.weight_sparsity.n must be an integer in [0, m={self.m}) (0: off), got {self.n!r}")
+        _require(isinstance(self.mask_every, int) and self.mask_every >= 0,
+                 f"model.weight_sparsity.mask_every must be an integer >= 0 (0: fixed mask), got {self.mask_every!r}")
+        for name in ("decay_rate", "decay_max"):
+            v = getattr(self, name)
+            _require(isinstance(v, (int, float)) and v >= 0, f"model.weight_sparsity.{name} must be >= 0, got {v!r}")
+        _require(isinstance(self.slorb_group, int) and self.slorb_group >= 1,
+                 f"model.weight_sparsity.slorb_group must be a positive integer, got {self.slorb_group!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.n > 0
+
+
+LTE_MODES = ("lte", "moefication")
+LTE_EFFICIENCY = ("mean", "mean_square")
+LTE_EXECUTION = ("masked", "gather")
+
+
+@dataclass(frozen=True)
+class LTEConfig:
+    """LTE (arXiv 2402.06126, SEEDS §3): the FFN's neurons in experts of ``expert_size``, a sigmoid router
+    per FFN. ``stage`` 1: output ``Σ G_i·E_i(x)``, loss + ``eta``·efficiency + ``separability``·separability;
+    2: hard ``G > tau``, routers frozen. ``mode: moefication``: the ``top_k`` best-scored experts (routers
+    fit to a dense model). ``execution: gather`` computes only the selected experts (inference); see lte.py.
+    """
+
+    enabled: bool = False
+    expert_size: int = 32
+    mode: str = "lte"
+    stage: int = 1
+    tau: float = 0.5
+    eta: float = 0.0  # efficiency-loss weight: sets the sparsity
+    efficiency: str = "mean"  # mean router score | mean_square
+    separability: float = 0.1  # separability-loss weight
+    sep_eps: float = 0.01  # separability loss eps/((G-tau)^2+eps)
+    top_k: int | None = None  # moefication: experts kept per token
+    execution: str = "masked"
+
+    def __post_init__(self):
+        p = "model.lte."
+        _require(isinstance(self.expert_size, int) and not isinstance(self.expert_size, bool) and self.expert_size >= 1,
+                 f"{p}expert_size must be a positive integer, got {self.expert_size!r}")
+        _require(self.mode in LTE_MODES, f"{p}mode must be one of {LTE_MODES}, got {self.mode!r}")
+        _require(self.stage in (1, 2), f"{p}stage must be 1 (soft scores, routers trained) or 2 (hard, routers frozen), "
+                 f"got {self.stage!r}")
+        _require(isinstance(self.tau, (int, float)) and 0 < self.tau < 1, f"{p}tau must be in (0, 1), got {self.tau!r}")
+        for name in ("eta", "separability"):
+            v = getattr(self, name)
+            _require(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
+                     f"{p}{name} must be a number >= 0, got {v!r}")
+        _require(isinstance(self.sep_eps, (int, float)) and self.sep_eps > 0, f"{p}sep_eps must be positive, got {self.sep_eps!r}")
+        _require(self.efficiency in LTE_EFFICIENCY, f"{p}efficiency must be one of {LTE_EFFICIENCY}, got {self.efficiency!r}")
+        _require(self.execution in LTE_EXECUTION, f"{p}execution must be one of {LTE_EXECUTION}, got {self.execution!r}")
+        k = self.top_k
+        _require(k is None or (isinstance(k, int) and not isinstance(k, bool) and k >= 1),
+                 f"{p}top_k must be a positive integer or null, got {k!r}")
+        _require(self.mode != "moefication" or k is not None, f"{p}mode moefication needs top_k (experts kept per token)")
+
+
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -120,6 +202,8 @@ class ModelConfig:
     act_bits: int | None = None  # 8: per-token absmax int8 activations (Eq. 5–7)
     weight_bits: str | None = None  # "1.58" ternary (Eq. 9–10) or "1"
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    weight_sparsity: WeightSparsityConfig = field(default_factory=WeightSparsityConfig)  # AST N:M weights
+    lte: LTEConfig = field(default_factory=LTEConfig)  # LTE experts + routers (lte.py)
     scan_layers: bool = False  # one stacked Block under nnx.scan: compile time independent of depth
     remat: str = "none"  # activation checkpointing per block: none | full | dots (keep weight matmuls)
     kernels: str = "off"  # projections through kernels.qsparse_matmul (1.58-bit weights, int8 activations)
@@ -131,6 +215,8 @@ class ModelConfig:
     def __post_init__(self):
         if isinstance(self.sparsity, dict):  # allow ModelConfig(sparsity={...})
             object.__setattr__(self, "sparsity", SparsityConfig(**self.sparsity))
+        if isinstance(self.weight_sparsity, dict):
+            object.__setattr__(self, "weight_sparsity", WeightSparsityConfig(**self.weight_sparsity))
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim", "max_seq_len"):
@@ -180,6 +266,12 @@ class ModelConfig:
                 keep_count(span, s)
             except ValueError as e:
                 raise ConfigError(f"model.sparsity.{group}: {e}") from None
+        ws = self.weight_sparsity
+        if ws.enabled:
+            for group, d in self.group_input_dims().items():
+                _require(d % ws.m == 0, f"model.weight_sparsity.m={ws.m} must divide the {group} input size {d}")
+                _require(not ws.slorb or d % ws.slorb_group == 0,
+                         f"model.weight_sparsity.slorb_group={ws.slorb_group} must divide the {group} input size {d}")
 
     @property
     def kv_heads(self) -> int:
@@ -330,6 +422,28 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation from a frozen teacher (a checkpoint or HF directory), in the same step:
+    ``loss = ce_weight·CE + weight·KL(softmax(t/T) ‖ softmax(s/T))·T²`` per token (AST's recipe: 1, 0.5, T=2)."""
+
+    teacher: str | None = None  # a run's checkpoints directory, a step of it, or an HF model directory
+    weight: float = 0.5
+    ce_weight: float = 1.0
+    temperature: float = 2.0
+
+    def __post_init__(self):
+        for name in ("weight", "ce_weight"):
+            v = getattr(self, name)
+            _require(isinstance(v, (int, float)) and v >= 0, f"train.distill.{name} must be a number >= 0, got {v!r}")
+        _require(isinstance(self.temperature, (int, float)) and self.temperature > 0,
+                 f"train.distill.temperature must be a positive number, got {self.temperature!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.teacher is not None
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000
     epochs: float | None = None  # set: steps = ceil(epochs · train rows / batch_size), overriding steps
@@ -337,6 +451,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 8
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self):
         for name in ("steps", "log_every", "eval_every", "eval_batches"):

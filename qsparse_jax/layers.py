@@ -131,6 +131,16 @@ class PackedWeight(nnx.Variable):
     """Inference-only packed ternary weight (``pack_for_inference``); not a trainable ``Param``."""
 
 
+class WeightMask(nnx.Variable):
+    """AST's N:M mask of a weight (bool, True = kept): model state, refreshed by the trainer's method
+    (``methods.AdaptiveSparseTraining``), never a trainable ``Param``; sharded like its weight."""
+
+
+def masked(w: jax.Array, mask: jax.Array) -> jax.Array:
+    """``W ⊙ M`` forward, identity backward: pruned weights get the dense gradient (AST; SEEDS §2)."""
+    return w + jax.lax.stop_gradient(jnp.where(mask, w, jnp.zeros_like(w)) - w)
+
+
 class SparseLinear(nnx.Module):
     """``y = Q_w(W)ᵀ · Q(Top_k(norm(x)))`` — every piece optional (Q-Sparse Eq. 2, 4, 8).
 
@@ -160,6 +170,19 @@ class SparseLinear(nnx.Module):
         self.weight = nnx.Param(w, logical_axes=axes)
         self.bias = nnx.Param(jnp.zeros((out_features,), pdt), logical_axes=(axes[1],)) if use_bias else None
         self.packed = None
+        ws = cfg.weight_sparsity
+        self.mask = self.slorb_s = self.slorb_x = None
+        self.slorb_group = ws.slorb_group
+        if ws.enabled:  # the initial mask and SLoRB from these weights; a loaded model gets both re-made
+            from .weight_sparsity import nm_mask, slorb_init
+
+            mask = nm_mask(jnp.abs(w), ws.n, ws.m)
+            self.mask = nnx.data(WeightMask(mask, logical_axes=axes))
+            if ws.slorb:
+                self.slorb_s = nnx.data(nnx.Param(slorb_init(w, mask, ws.slorb_group).astype(pdt), logical_axes=(None, axes[1])))
+                if ws.slorb_train_x:
+                    self.slorb_x = nnx.data(nnx.Param(jnp.ones((in_features // ws.slorb_group, ws.slorb_group), pdt),
+                                                       logical_axes=(None, None)))
 
     def sparsify(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
@@ -178,11 +201,28 @@ class SparseLinear(nnx.Module):
         """Zeros at the matmul input, for ``xs = sparsify(x)`` (the kernels sparsify inside)."""
         return _zero_count(self._topk_quant(xs) if self.kernels != "off" else xs)
 
-    def effective_weight(self) -> jax.Array:
+    def masked_weight(self) -> jax.Array:
+        """The latent weight, ``⊙ M`` (straight-through) under AST."""
         w = self.weight[...]
+        return w if self.mask is None else masked(w, self.mask[...])
+
+    def effective_weight(self) -> jax.Array:
+        """``Q_w(W ⊙ M)``: the quantizer sees the masked latent weight, so the ternary scale is
+        ``mean|W ⊙ M|`` over all entries (zeros included, as the kernels' packing computes it); the
+        mask is applied again after quantization because 1-bit quantization maps zeros to ±α."""
+        w = self.masked_weight()
         if self.weight_bits is not None:
             w = quantize_weights(w, self.weight_bits)
+            if self.mask is not None:
+                w = jnp.where(self.mask[...], w, jnp.zeros_like(w))
         return w.astype(self.dtype)
+
+    def _slorb(self, xq: jax.Array) -> jax.Array:
+        """SLoRB ``S · (X x)`` of the matmul input (``weight_sparsity.slorb_apply``)."""
+        from .weight_sparsity import slorb_apply
+
+        x = None if self.slorb_x is None else self.slorb_x[...].astype(self.dtype)
+        return slorb_apply(xq, self.slorb_s[...].astype(self.dtype), self.slorb_group, x).astype(self.dtype)
 
     def project(self, xs: jax.Array) -> jax.Array:
         if self.kernels == "off":
@@ -193,8 +233,10 @@ class SparseLinear(nnx.Module):
             if self.packed is not None:
                 y = qsparse_matmul(xs, self.packed.get_value(), k=self.keep, block_size=bs, impl=impl)
             else:
-                y = kernel_linear(xs, self.weight[...], self.keep, bs, impl)
+                y = kernel_linear(xs, self.masked_weight(), self.keep, bs, impl)
             y = y.astype(self.dtype)
+        if self.slorb_s is not None:
+            y = y + self._slorb(xs if self.kernels == "off" else self._topk_quant(xs))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -209,7 +251,7 @@ def pack_for_inference(model: nnx.Module, bits: float = 2) -> nnx.Module:
     model = nnx.clone(model)
     for _, m in nnx.iter_modules(model):
         if isinstance(m, SparseLinear) and m.kernels != "off":
-            w = m.weight[...]
+            w = m.masked_weight()
             pack = lambda w: pack_ternary(w, bits)
             m.packed = nnx.data(PackedWeight(jax.vmap(pack)(w) if w.ndim == 3 else pack(w)))  # scan_layers: stacked
     return model

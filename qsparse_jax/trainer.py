@@ -8,6 +8,7 @@ tensorboardX event files under ``workdir/tensorboard``.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -27,6 +28,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from .config import Config, OptimConfig, to_dict
+from .methods import Context, TrainingMethod, methods_for
 from .model import Transformer, activated_params, nll_sum, projection_params, sparsity_from_zeros
 from .sharding import activation_sharding, batch_sharding, make_mesh, state_shardings
 from .topology import peak_flops
@@ -84,46 +86,65 @@ class Setup:
     optimizer: optax.GradientTransformation
     state_sharding: Any
     batch_sharding: Any
+    methods: list[TrainingMethod] = dataclasses.field(default_factory=list)
+    start: Any = None  # jitted params -> fresh train state (methods prepared), e.g. after --init_from
 
     def apply(self, params, tokens, **kw):
         return nnx.merge(self.graphdef, params)(tokens, **kw)
 
 
+def trainable(params):
+    """(the ``nnx.Param`` leaves: differentiated and optimized, everything else: carried model state)."""
+    return nnx.split_state(params, nnx.Param, ...)
+
+
 def _build(cfg: Config, devices=None):
-    """Mesh, graph, optimizer, parameter shardings and the jitted initializer (nothing allocated)."""
+    """Mesh, graph, optimizer, methods, shardings and the jitted initializers (nothing allocated)."""
     mesh = make_mesh(cfg.mesh, devices)
     model_fn = lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
     graphdef, abstract_params = nnx.split(nnx.eval_shape(model_fn))
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+    methods = methods_for(cfg)
     p_sharding = state_shardings(abstract_params, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
 
-    def init():
-        params = nnx.split(model_fn())[1]
-        return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+    def start(params):
+        for m in methods:
+            params = m.prepare(params)
+        state = {"params": params, "opt_state": optimizer.init(trainable(params)[0]), "step": jnp.zeros((), jnp.int32)}
+        mstates = {m.name: m.init_state(params) for m in methods}
+        if any(v is not None for v in mstates.values()):
+            state["methods"] = {k: v for k, v in mstates.items() if v is not None}
+        return state
 
     # optimizer moments are sharded exactly like their parameters (left to XLA, they were replicated:
     # 2 × the model's float32 size on every device); counts and schedule states are replicated
-    replicated = NamedSharding(mesh, PartitionSpec())
-    opt_sharding = optax.tree_map_params(optimizer, lambda _, sh: sh, jax.eval_shape(optimizer.init, abstract_params),
-                                         p_sharding, transform_non_params=lambda _: replicated,
+    opt_sharding = optax.tree_map_params(optimizer, lambda _, sh: sh,
+                                         jax.eval_shape(optimizer.init, trainable(abstract_params)[0]),
+                                         trainable(p_sharding)[0], transform_non_params=lambda _: replicated,
                                          is_leaf=lambda x: isinstance(x, nnx.Variable))
     shardings = {"params": p_sharding, "opt_state": opt_sharding, "step": replicated}
-    return mesh, graphdef, optimizer, jax.jit(init, out_shardings=shardings), shardings
+    m_sharding = {m.name: m.state_shardings(p_sharding, replicated) for m in methods}
+    if any(v is not None for v in m_sharding.values()):
+        shardings["methods"] = {k: v for k, v in m_sharding.items() if v is not None}
+    start_fn = jax.jit(start, in_shardings=(p_sharding,), out_shardings=shardings)
+    init_fn = jax.jit(lambda: start(nnx.split(model_fn())[1]), out_shardings=shardings)
+    return mesh, graphdef, optimizer, init_fn, shardings, methods, start_fn
 
 
 def setup(cfg: Config, devices=None) -> tuple[Setup, dict]:
-    """Mesh, optimizer and a freshly initialized, sharded train state {params, opt_state, step}."""
-    mesh, graphdef, optimizer, init_fn, shardings = _build(cfg, devices)
-    return Setup(cfg, mesh, graphdef, optimizer, shardings, batch_sharding(mesh)), init_fn()
+    """Mesh, optimizer and a freshly initialized, sharded train state {params, opt_state, step[, methods]}."""
+    mesh, graphdef, optimizer, init_fn, shardings, methods, start_fn = _build(cfg, devices)
+    return Setup(cfg, mesh, graphdef, optimizer, shardings, batch_sharding(mesh), methods, start_fn), init_fn()
 
 
 def abstract_setup(cfg: Config, devices=None) -> tuple[Setup, dict]:
     """As ``setup``, but the state is ``jax.ShapeDtypeStruct``s with their shardings: nothing is
     allocated, so ``devices`` may be a TPU slice described by libtpu (``topology.tpu_devices``)."""
-    mesh, graphdef, optimizer, init_fn, shardings = _build(cfg, devices)
+    mesh, graphdef, optimizer, init_fn, shardings, methods, start_fn = _build(cfg, devices)
     state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), jax.eval_shape(init_fn),
                          shardings)
-    return Setup(cfg, mesh, graphdef, optimizer, shardings, batch_sharding(mesh)), state
+    return Setup(cfg, mesh, graphdef, optimizer, shardings, batch_sharding(mesh), methods, start_fn), state
 
 
 def split_batch(batch):
@@ -156,34 +177,80 @@ def _under_mesh(mesh):
     return wrap
 
 
-def make_train_step(s: Setup):
+def make_train_step(s: Setup, consts: dict | None = None):
+    """The jitted step ``(state, batch) -> (state, metrics)``: loss = ``ce_weight·NLL + Σ method terms``
+    over the counted targets, gradients of the ``nnx.Param`` leaves (accumulated over ``grad_accum``
+    micro-batches), the methods' gradient adjustments and frozen parameters, the optimizer update, then
+    the methods' scheduled refresh (``methods.py``). ``consts``: the methods' step constants (a teacher)."""
     accum = s.cfg.optim.grad_accum
+    methods = s.methods
+    need_stats = any(m.needs_stats for m in methods)
+    ce_weight = math.prod(m.ce_weight for m in methods)
+    consts = consts or {}
 
-    def sum_fn(params, batch):
-        return _nll_sum(s.apply, params, batch)
+    def sum_fn(train_params, rest, batch, step_no, consts):
+        params = nnx.merge_state(train_params, rest)
+        inputs, targets, kw, weights = split_batch(batch)
+        out = s.apply(params, inputs, return_stats=need_stats, **kw)
+        logits, stats = out if need_stats else (out, None)
+        nll, count = nll_sum(logits, targets, weights)
+        ctx = Context(logits, stats, inputs, targets, weights, kw, step_no)
+        terms = {}
+        for m in methods:
+            terms.update(m.loss_terms(ctx, consts.get(m.name)))
+        total = ce_weight * nll + sum(terms.values(), jnp.zeros(()))
+        return total, (count, {"ce": nll, **terms})
 
     @_under_mesh(s.mesh)
-    def step(state, batch):
-        params = state["params"]
+    def step(state, batch, consts):
+        params, step_no = state["params"], state["step"]
+        train_params, rest = trainable(params)
         grad_fn = jax.value_and_grad(sum_fn, has_aux=True)
         if accum == 1:
-            (total, count), grads = grad_fn(params, batch)
+            (total, (count, parts)), grads = grad_fn(train_params, rest, batch, step_no, consts)
         else:  # accumulate summed losses and gradients: one optimizer update per global batch
             micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
             def body(carry, mb):
-                (l, n), g = grad_fn(params, mb)
-                return jax.tree.map(jnp.add, carry, (l, n, g)), None
+                (l, (n, p)), g = grad_fn(train_params, rest, mb, step_no, consts)
+                return jax.tree.map(jnp.add, carry, (l, n, p, g)), None
 
-            zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-            (total, count, grads), _ = jax.lax.scan(body, zeros, micro)
+            parts0 = jax.eval_shape(lambda: grad_fn(train_params, rest, jax.tree.map(lambda x: x[0], micro), step_no,
+                                                    consts)[0][1][1])
+            zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), parts0),
+                     jax.tree.map(jnp.zeros_like, train_params))
+            (total, count, parts, grads), _ = jax.lax.scan(body, zeros, micro)
         count = jnp.maximum(count, 1.0)
         loss, grads = total / count, jax.tree.map(lambda g: g / count, grads)
-        updates, opt_state = s.optimizer.update(grads, state["opt_state"], params)
-        new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
-        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        for m in methods:
+            grads = m.adjust_grads(grads, params, step_no)
+        frozen = [f for f in (m.frozen(train_params) for m in methods) if f is not None]
+        if frozen:  # frozen leaves: no gradient (not even in the clipping norm) and no update
+            stop = jax.tree.map(lambda *fs: functools.reduce(jnp.logical_or, fs), *frozen)
+            grads = jax.tree.map(lambda g, f: jnp.where(f, jnp.zeros_like(g), g), grads, stop)
+        updates, opt_state = s.optimizer.update(grads, state["opt_state"], train_params)
+        if frozen:
+            updates = jax.tree.map(lambda u, f: jnp.where(f, jnp.zeros_like(u), u), updates, stop)
+        params = nnx.merge_state(optax.apply_updates(train_params, updates), rest)
+        mstates = dict(state.get("methods", {}))
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        for m in methods:
+            params, ms = m.refresh(params, mstates.get(m.name), step_no)
+            if ms is not None:
+                mstates[m.name] = ms
+            metrics.update(m.step_metrics(params, mstates.get(m.name)))
+        if methods:
+            metrics.update({k: v / count for k, v in parts.items()})
+        new = {"params": params, "opt_state": opt_state, "step": step_no + 1}
+        if mstates:
+            new["methods"] = mstates
+        return new, metrics
 
-    return jax.jit(step, in_shardings=(s.state_sharding, s.batch_sharding),
+    if consts:  # constants keep their own (mesh) shardings and are never donated
+        jitted = jax.jit(step, in_shardings=(s.state_sharding, s.batch_sharding, None),
+                         out_shardings=(s.state_sharding, None), donate_argnums=(0,))
+        return lambda state, batch: jitted(state, batch, consts)
+    return jax.jit(lambda state, batch: step(state, batch, {}), in_shardings=(s.state_sharding, s.batch_sharding),
                    out_shardings=(s.state_sharding, None), donate_argnums=(0,))
 
 
@@ -293,6 +360,19 @@ def write_config(workdir: Path, cfg: Config):
     os.replace(tmp, workdir / "config.yaml")
 
 
+def method_metrics(step_metrics: dict, methods: list[TrainingMethod], params, stats, n_tokens: int) -> dict:
+    """The methods' step metrics as numbers (per-layer vectors as {overall, layer_i}) and their log metrics."""
+    out: dict = {}
+    for k, v in step_metrics.items():
+        if k in ("loss", "grad_norm"):
+            continue
+        v = np.asarray(v)
+        out[k] = float(v) if v.ndim == 0 else {"overall": float(v.mean()), **{f"layer_{i}": float(x) for i, x in enumerate(v)}}
+    for m in methods:
+        out.update(m.log_metrics(params, stats, n_tokens))
+    return out
+
+
 # --- the loop --------------------------------------------------------------------------------------
 
 def evaluate(eval_fn, params, batches, sharding) -> float:
@@ -375,12 +455,17 @@ def train(cfg: Config, workdir: str | Path, init_from: str | None = None, stop_a
         batches.set_state(data_state)
         print(f"resumed from step {int(state['step'])} in {workdir / 'checkpoints'}", flush=True)
     elif init_from:
-        state["params"] = ckpt.restore_params(init_from, state["params"])
-        print(f"initialized parameters from {init_from}", flush=True)
+        params, missing = ckpt.restore_params(init_from, state["params"], allow_missing=bool(s.methods))
+        state = s.start(params)  # the methods prepare the loaded weights (AST masks, SLoRB) and restart their state
+        kinds = collections.Counter(path.rsplit("/", 1)[-1] for path in missing)
+        extra = (f" ({len(missing)} leaves not in the checkpoint kept as the methods made them: "
+                 + ", ".join(f"{k} ×{n}" for k, n in sorted(kinds.items())) + ")") if missing else ""
+        print(f"initialized parameters from {init_from}{extra}", flush=True)
     write_config(workdir, cfg)
     vals = {name: val_batches(v, cfg.data, cfg.train.eval_batches)
             for name, v in (splits.val_by_source or {"": splits.val}).items()}
-    step_fn, eval_fn, stats_fn = make_train_step(s), make_eval_step(s), make_stats_step(s)
+    consts = {m.name: c for m in s.methods if (c := m.constants(s.mesh)) is not None}
+    step_fn, eval_fn, stats_fn = make_train_step(s, consts), make_eval_step(s), make_stats_step(s)
     schedule = lr_schedule(cfg.optim, cfg.train.steps)
     log = MetricsLog(workdir)
     start = int(state["step"])
@@ -439,7 +524,8 @@ def train(cfg: Config, workdir: str | Path, init_from: str | None = None, stop_a
                 tps = (done - last["step"]) * tokens_per_step / max(now - last["time"], 1e-9)
                 host_fraction = last["host"] / max(now - last["time"], 1e-9)
                 last = {"time": now, "step": done, "host": 0.0}
-                sparsity = sparsity_from_zeros(cfg.model, stats_fn(state["params"], batch), tokens_per_step)
+                stats = stats_fn(state["params"], batch)
+                sparsity = sparsity_from_zeros(cfg.model, stats, tokens_per_step)
                 acct = activated_params(cfg.model, sparsity)
                 achieved = tps * flops_per_token(cfg) / n_dev
                 achieved_sparse = tps * flops_per_token(cfg, sparsity) / n_dev
@@ -447,7 +533,8 @@ def train(cfg: Config, workdir: str | Path, init_from: str | None = None, stop_a
                            "tokens_per_s": tps, "mfu": achieved / peak if peak else None,
                            "mfu_sparse": achieved_sparse / peak if peak else None,
                            "tflops_per_device": achieved / 1e12, "sparsity": {**sparsity, "overall": acct["overall"]},
-                           "activated_params": acct["N_a"], "host_fraction": host_fraction}
+                           "activated_params": acct["N_a"], "host_fraction": host_fraction,
+                           **method_metrics(m, s.methods, state["params"], stats, tokens_per_step)}
                 if splits.mixture is not None:
                     rows = splits.mixture.counts(done * cfg.data.batch_size)
                     metrics["tokens_by_source"] = {n: int(r) * cfg.data.seq_len for n, r in zip(splits.weights, rows)}
