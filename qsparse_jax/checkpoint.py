@@ -113,7 +113,7 @@ def _prune(state, keep: set):
     """The ``nnx.State`` without the leaves whose path is not in ``keep``."""
     from flax import nnx
 
-    return nnx.from_flat_state([(p, v) for p, v in state.flat_state() if tuple(map(str, p)) in keep])
+    return nnx.from_flat_state([(p, v) for p, v in nnx.to_flat_state(state) if tuple(map(str, p)) in keep])
 
 
 def read_config(path: str | Path, what: str = "") -> tuple[dict, Path]:
