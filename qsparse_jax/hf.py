@@ -43,8 +43,8 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     scaling = _rope_scaling(rope, hf)
     act = hf.get("hidden_act", "silu")
-    if act not in ("silu", "relu2") or (act == "relu2" and mtype != "bitnet"):
-        raise HFError(f"unsupported hidden_act {act!r} for {mtype}; supported: silu (bitnet also relu2)")
+    if act not in ("silu", "relu2"):  # transformers' ACT2FN["relu2"] is ReLU², ours (Q-Sparse Eq. 11)
+        raise HFError(f"unsupported hidden_act {act!r} for {mtype}; supported: silu, relu2")
     bitnet = {}
     if mtype == "bitnet":  # BitNet b1.58: SubLN, int8 activations, ternary weights (Q-Sparse Eq. 4-10)
         qc = hf.get("quantization_config") or {}
@@ -268,20 +268,23 @@ def load_pretrained(path: str | Path, *, mesh=None, dtype: str | None = None, **
 
 
 def _bitnet_family(c: ModelConfig) -> bool:
-    return c.activation == "relu2" or c.subln or c.input_norm or c.act_bits is not None or c.weight_bits is not None
+    """What only transformers' bitnet computes: SubLN, BitLinear input norms, quantization. (A ReLU² GLU alone
+    is a Llama / Mistral / Qwen2 with ``hidden_act: relu2``.)"""
+    return c.subln or c.input_norm or c.act_bits is not None or c.weight_bits is not None
 
 
 def _check_exportable(c: ModelConfig, mtype: str, ternary: bool):
     """One-line error unless transformers' ``mtype`` computes what this model computes."""
     if mtype != "bitnet":
         if _bitnet_family(c):
-            raise HFError(f"{mtype} holds only SiLU-GLU models without SubLN, input norms or quantization; "
+            raise HFError(f"{mtype} holds only SiLU / ReLU² GLU models without SubLN, input norms or quantization; "
                           "export this model as model_type bitnet")
         if ternary:
             raise HFError("ternary export needs a 1.58-bit model (model.weight_bits: '1.58')")
         return
     if not (c.subln or c.input_norm):
-        raise HFError("transformers' bitnet always applies SubLN: export needs model.subln or model.input_norm")
+        raise HFError("transformers' bitnet always applies SubLN: export needs model.subln or model.input_norm "
+                      "(a ReLU² model without them exports as llama)")
     if c.qkv_bias or c.sliding_window:
         raise HFError("transformers' bitnet has no q/k/v-only bias and no sliding window")
     quantized = (c.weight_bits, c.act_bits)
@@ -335,13 +338,43 @@ def _per_layer(c: ModelConfig, flat):
             yield key, a
 
 
+_MASK, _SLORB_S, _SLORB_X = "mask", "slorb_s", "slorb_x"  # AST state of a SparseLinear (layers.py)
+
+
+def _fold_weight_sparsity(c: ModelConfig, params: dict) -> dict:
+    """AST models: each masked weight as the matrix the model multiplies by, ``W ⊙ M`` (N:M zeros in place),
+    plus SLoRB folded in exactly, ``W ⊙ M + Xᵀ S`` (input ``j`` of group ``g`` adds ``X_g,j%k · S_g`` to its
+    row; this fills the pruned positions, so the exported weights are then dense). The mask and SLoRB
+    entries themselves are dropped: transformers has no place for them."""
+    out = {}
+    for key, a in params.items():
+        if key[-1] in (_MASK, _SLORB_S, _SLORB_X):
+            continue
+        base = key[:-1]
+        if key[-1] == "weight" and base + (_MASK,) in params:
+            a = np.where(params[base + (_MASK,)] != 0, a, np.float32(0))
+            if base + (_SLORB_S,) in params:
+                if c.weight_bits is not None:
+                    raise HFError("SLoRB cannot be folded exactly into quantized weights (it runs in full precision "
+                                  "after the quantized matmul); export a model trained without model.weight_sparsity.slorb")
+                S = params[base + (_SLORB_S,)]  # [in/k, out]
+                k = a.shape[0] // S.shape[0]
+                X = params.get(base + (_SLORB_X,), np.ones((S.shape[0], k), np.float32))  # [in/k, k]
+                a = a + (X[:, :, None] * S[:, None, :]).reshape(a.shape)
+        out[key] = a
+    return out
+
+
 def save_pretrained(model: Transformer, path: str | Path, *, model_type: str | None = None, ternary: bool = False):
     """Write ``config.json`` + ``model.safetensors`` loadable by transformers.
 
-    Llama / Mistral / Qwen2: float32 dense weights. BitNet-style models (ReLU², SubLN, 1.58-bit) go to
-    transformers' ``bitnet``: float weights it quantizes online, or with ``ternary=True`` 2-bit packed
-    ternary values + per-tensor scale (``w = levels / s``, Eq. 9-10), 16x smaller. Top-K is not part of
-    transformers' models: they run the exported weights with dense activations.
+    Llama / Mistral / Qwen2: float32 dense weights; a ReLU² GLU (no SubLN, input norms or quantization)
+    exports as these with ``hidden_act: relu2`` (transformers' ``ACT2FN["relu2"]`` is ReLU²). BitNet-style
+    models (SubLN, 1.58-bit) go to transformers' ``bitnet``: float weights it quantizes online, or with
+    ``ternary=True`` 2-bit packed ternary values + per-tensor scale (``w = levels / s``, Eq. 9-10), 16x
+    smaller. Top-K is not part of transformers' models: they run the exported weights with dense
+    activations. AST (N:M weight sparsity) models are written as ``W ⊙ M``, the zeros in place; SLoRB is
+    folded in exactly, which makes those weights dense (:func:`_fold_weight_sparsity`).
     """
     from safetensors.numpy import save_file
 
@@ -352,7 +385,8 @@ def save_pretrained(model: Transformer, path: str | Path, *, model_type: str | N
     _, state = nnx.split(model)
     names = hf_names(c)
     tensors = {}
-    for key, a in _per_layer(c, nnx.to_flat_state(state)):
+    params = _fold_weight_sparsity(c, dict(_per_layer(c, nnx.to_flat_state(state))))
+    for key, a in params.items():
         name, transposed = names[key]
         if ternary and transposed and name != "lm_head.weight":  # the LM head stays full precision
             if a.shape[1] % _PACK:

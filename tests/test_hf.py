@@ -299,6 +299,78 @@ def test_unexportable_models_are_one_line_errors(change, msg, tmp_path):
     model.config = model.config.replace(**change)
     with pytest.raises(HFError, match=msg):
         save_pretrained(model, tmp_path / "out", ternary=True)
-    with pytest.raises(HFError, match="llama holds only SiLU-GLU models"):
+    with pytest.raises(HFError, match="llama holds only SiLU / ReLU² GLU models"):
         save_pretrained(_bitnet_model(input_norm=False), tmp_path / "out", model_type="llama")
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def _relu2_model(scan_layers=False, **model):
+    """A tiny ReLU² GLU model without SubLN / input norms / quantization (configs/tiny.yaml's architecture),
+    every norm random."""
+    from flax import nnx
+
+    from qsparse_jax import ModelConfig, Transformer
+
+    cfg = ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, activation="relu2",
+                      rope_theta=500.0, scan_layers=scan_layers, **model)
+    m = Transformer(cfg, rngs=nnx.Rngs(5))
+    for path, var in nnx.to_flat_state(nnx.state(m)):
+        if path[-1] == "weight" and "norm" in "".join(map(str, path)):
+            var.set_value(1.0 + 0.1 * jax.random.normal(jax.random.key(len(path)), var.shape))
+    return m
+
+
+def _groups_nonzero(t, m=4):
+    """[out, in] HF weight: nonzeros in each group of m consecutive inputs."""
+    return (t != 0).reshape(t.shape[0], -1, m).sum(-1)
+
+
+@pytest.mark.parametrize("pruned", [False, True], ids=["dense", "2:4"])
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["layers", "scan"])
+def test_relu2_model_exports_as_llama_and_reimports_as_relu2(pruned, scan_layers, tmp_path):
+    from safetensors.numpy import load_file
+
+    from qsparse_jax.weight_sparsity import prune_model
+
+    model = _relu2_model(scan_layers)
+    if pruned:
+        model, _ = prune_model(model, "magnitude")
+    save_pretrained(model, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["model_type"], config["architectures"], config["hidden_act"]) == ("llama", ["LlamaForCausalLM"], "relu2")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager",
+                                                           dtype=torch.float32).eval()
+    assert isinstance(hf, transformers.LlamaForCausalLM)
+    apply, params = functional(model)
+    np.testing.assert_allclose(hf_logits(hf, TOKENS), np.asarray(apply(params, jnp.asarray(TOKENS))), atol=1e-4, rtol=0)
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    for name, t in tensors.items():
+        if name.endswith("_proj.weight") and pruned:
+            assert np.all(_groups_nonzero(t) == 2), name  # the 2:4 zeros in place
+    again = load_pretrained(tmp_path / "out", scan_layers=scan_layers)
+    assert again.config.activation == "relu2" and not again.config.subln
+    for a, b in zip(jax.tree.leaves(functional(model)[1]), jax.tree.leaves(functional(again)[1])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("slorb", [None, "S", "S+X"])
+def test_ast_model_exports_its_masked_weights_with_slorb_folded(slorb, tmp_path):
+    """An AST model computes with W ⊙ M (+ SLoRB): the export writes exactly that, so transformers matches."""
+    from flax import nnx
+    from safetensors.numpy import load_file
+
+    ws = dict(n=2, m=4, slorb=slorb is not None, slorb_group=16, slorb_train_x=slorb == "S+X")
+    model = _relu2_model(weight_sparsity=ws)
+    for path, var in nnx.to_flat_state(nnx.state(model)):  # random S and X, so the fold is really tested
+        if path[-1] in ("slorb_s", "slorb_x"):
+            var.set_value(var[...] + 0.02 * jax.random.normal(jax.random.key(len(path) + 7), var.shape))
+    save_pretrained(model, tmp_path / "out")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager",
+                                                           dtype=torch.float32).eval()
+    apply, params = functional(model)
+    np.testing.assert_allclose(hf_logits(hf, TOKENS), np.asarray(apply(params, jnp.asarray(TOKENS))), atol=1e-4, rtol=0)
+    q = load_file(tmp_path / "out" / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
+    if slorb is None:  # W ⊙ M: the mask's zeros in place; with SLoRB folded in the weights are dense
+        np.testing.assert_array_equal(q != 0, np.asarray(model.layers[0].attn.wq.mask[...]).T)
+    else:
+        assert np.all(q != 0)
