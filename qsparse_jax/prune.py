@@ -1,7 +1,7 @@
 """One-shot N:M (default 2:4) pruning of every block linear: magnitude, Wanda or SparseGPT.
 
 ``python -m qsparse_jax.prune --method magnitude|wanda|sparsegpt (--ckpt DIR | --hf DIR) --out DIR
-[--calib_batches B] [--n 2 --m 4] [--eval_batches K]``
+[--calib_batches B] [--n 2 --m 4] [--eval_batches K] [data.key=value ...]``
 
 Writes ``OUT/checkpoints/0`` (parameters, the pruned weights with their zeros in place) and
 ``OUT/config.yaml`` (the source's config, unchanged: a dense model whose block weights happen to be N:M),
@@ -12,7 +12,7 @@ checkpoint. The embedding and LM head stay dense.
 
 Calibration (Wanda, SparseGPT): the first ``B`` training batches of the config's data source (the
 checkpoint's ``data`` section; for ``--hf`` the default embedded corpus with the model's tokenizer, or
-``--config``'s), blocks pruned one after another on the outputs of the already pruned ones
+``--config``'s; ``data.*`` overrides on top), blocks pruned one after another on the outputs of the already pruned ones
 (``weight_sparsity.prune_model``). ``--eval_batches K`` also prints the validation loss before and after.
 """
 
@@ -30,7 +30,7 @@ USAGE = __doc__.split("\n\n")[1]
 
 
 def _data_config(args, saved_cfg, model_cfg, hf_dir: Path | None):
-    from .config import DataConfig, load_config
+    from .config import Config, DataConfig, apply_overrides, from_dict, load_config, to_dict
 
     if args.config:
         data = load_config(args.config, []).data
@@ -40,6 +40,11 @@ def _data_config(args, saved_cfg, model_cfg, hf_dir: Path | None):
         data = DataConfig(seq_len=min(DataConfig.seq_len, model_cfg.max_seq_len))
         if hf_dir is not None and (hf_dir / "tokenizer.json").is_file():
             data = dataclasses.replace(data, tokenizer=str((hf_dir / "tokenizer.json").absolute()))
+    if args.overrides:
+        bad = [o for o in args.overrides if not o.startswith("data.")]
+        if bad:
+            raise ConfigError(f"only data.* overrides apply to pruning, got {bad[0]!r}")
+        data = from_dict(Config, apply_overrides({"data": to_dict(data)}, list(args.overrides))).data
     if args.seq_len:
         data = dataclasses.replace(data, seq_len=args.seq_len)
     if data.seq_len > model_cfg.max_seq_len:
@@ -81,7 +86,8 @@ def validation_loss(model, data_cfg, n_batches: int) -> float:
 
 def prune(method: str, out: str, *, ckpt: str | None = None, hf: str | None = None, calib_batches: int = 16,
           n: int = 2, m: int = 4, blocksize: int | None = None, percdamp: float = 0.01, eval_batches: int = 0,
-          config: str | None = None, seq_len: int | None = None, progress: bool = True) -> dict:
+          config: str | None = None, seq_len: int | None = None, overrides: list[str] = (),
+          progress: bool = True) -> dict:
     """Prune and write the checkpoint (see the module docstring); returns a summary dict."""
     from flax import nnx
 
@@ -117,7 +123,7 @@ def prune(method: str, out: str, *, ckpt: str | None = None, hf: str | None = No
     for group, d in mcfg.group_input_dims().items():
         if d % m:
             raise ConfigError(f"--m {m} must divide every block linear's input size; {group} has {d}")
-    data = _data_config(argparse.Namespace(config=config, seq_len=seq_len), saved, mcfg,
+    data = _data_config(argparse.Namespace(config=config, seq_len=seq_len, overrides=overrides), saved, mcfg,
                         Path(hf) if hf is not None else None)
     summary: dict = {"method": method, "n": n, "m": m, "source": loaded.source}
     batches = calibration_batches(data, calib_batches) if method != "magnitude" else None
@@ -164,6 +170,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval_batches", type=int, default=0, help="also print the validation loss before and after")
     p.add_argument("--config", help="YAML whose data section gives the calibration data (default: the checkpoint's)")
     p.add_argument("--seq_len", type=int, help="calibration sequence length (default: the data config's)")
+    p.add_argument("overrides", nargs="*", help="dotted data.* overrides, e.g. data.source=/data/corpus data.batch_size=8")
     args = p.parse_args(argv)
     from absl import logging as absl_logging
 
@@ -171,7 +178,7 @@ def main(argv=None) -> int:
     try:
         s = prune(args.method, args.out, ckpt=args.ckpt, hf=args.hf, calib_batches=args.calib_batches, n=args.n,
                   m=args.m, blocksize=args.blocksize, percdamp=args.percdamp, eval_batches=args.eval_batches,
-                  config=args.config, seq_len=args.seq_len)
+                  config=args.config, seq_len=args.seq_len, overrides=args.overrides)
     except ConfigError as e:  # DataError, HFError, CheckpointError are ConfigErrors
         print(f"error: {e}", file=sys.stderr)
         return 2

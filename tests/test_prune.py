@@ -79,6 +79,7 @@ def test_pruned_checkpoint_trains_with_ast_and_exports(dense_ckpt, tmp_path):
     (["--method", "magnitude", "--ckpt", "/no/such/ckpt", "--out", "O"], "error: ckpt: no such directory '/no/such/ckpt'"),
     (["--method", "wanda", "--ckpt", "CKPT", "--out", "O", "--m", "3"], "error: --m 3 must divide every block linear's"),
     (["--method", "wanda", "--ckpt", "CKPT", "--out", "O", "--calib_batches", "0"], "error: --calib_batches must be >= 1"),
+    (["--method", "wanda", "--ckpt", "CKPT", "--out", "O", "model.dim=8"], "error: only data.* overrides apply"),
 ])
 def test_bad_input_is_a_one_line_error(args, msg, dense_ckpt, tmp_path, capsys):
     from qsparse_jax.prune import main
