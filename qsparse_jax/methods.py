@@ -13,6 +13,7 @@ The loop in ``trainer.py`` knows no method by name. A method may
 - refresh model state on a schedule inside the jitted step, after the update (``refresh``: AST's masks);
 - keep its own state in the train state (``init_state`` / ``state_shardings``; checkpointed with it);
 - prepare parameters on a fresh start, after ``--init_from`` (``prepare``: AST's masks from the loaded weights);
+  the leaves it adds to a model (``adds``: names such as ``mask``) may be missing from that checkpoint;
 - add host-side metrics at log steps (``log_metrics``).
 
 :func:`methods_for` builds the list from a config: AST (``model.weight_sparsity``), distillation
@@ -54,6 +55,7 @@ class TrainingMethod:
     name = "method"
     needs_stats = False
     ce_weight = 1.0
+    adds: tuple[str, ...] = ()  # names of the leaves it adds to a model: a checkpoint without it may lack them
 
     def constants(self, mesh) -> Any:
         return None
@@ -137,6 +139,7 @@ class AdaptiveSparseTraining(TrainingMethod):
     ``--init_from`` of a dense checkpoint) masks and SLoRB ``S`` re-made from the weights."""
 
     name = "ast"
+    adds = ("mask", "slorb_s", "slorb_x")
 
     def __init__(self, cfg: Config):
         self.ws = cfg.model.weight_sparsity

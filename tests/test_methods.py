@@ -199,6 +199,22 @@ def test_ast_with_distillation_from_a_dense_checkpoint(corpus, tmp_path):
     train(cfg_of(corpus, *extra[:-3], "train.steps=3", "train.log_every=1"), tmp_path / "fresh")
     fresh = [json.loads(r) for r in open(tmp_path / "fresh" / "metrics.jsonl")]
     assert rows[0]["ce"] < fresh[0]["ce"]
+    from qsparse_jax.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="lacks .* parameters of this model"):  # only a method's leaves may be absent
+        train(cfg_of(corpus, *extra, "model.qkv_bias=true"), tmp_path / "bias", init_from=teacher)
+
+
+def test_an_ast_run_resumes_exactly(corpus, tmp_path):
+    """Masks, the flip reference and the refresh schedule are part of the checkpoint."""
+    extra = [*AST, "model.weight_sparsity.mask_every=2", "optim.lr=0.03", "train.log_every=1"]
+    train(cfg_of(corpus, *extra), tmp_path / "straight")
+    train(cfg_of(corpus, *extra), tmp_path / "resumed", stop_after=3)
+    train(cfg_of(corpus, *extra), tmp_path / "resumed")
+    rows = lambda d: [json.loads(r) for r in open(d / "metrics.jsonl")]
+    want, got = rows(tmp_path / "straight"), rows(tmp_path / "resumed")
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]
+    assert [r["ast/flip_since_start"] for r in got] == [r["ast/flip_since_start"] for r in want]
 
 
 def test_a_missing_teacher_is_a_one_line_error(corpus, tmp_path):
