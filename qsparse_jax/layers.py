@@ -344,7 +344,12 @@ class Block(nnx.Module):
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=pdt)
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=pdt)
-        self.mlp = FeedForward(cfg, rngs=rngs)
+        if cfg.lte.enabled:  # LTE experts + router (lte.py imports this module: import here)
+            from .lte import LTEFeedForward
+
+            self.mlp = LTEFeedForward(cfg, rngs=rngs)
+        else:
+            self.mlp = FeedForward(cfg, rngs=rngs)
 
     def __call__(self, x, positions, segment_ids, stats: dict | None = None, cache: dict | None = None):
         if cache is None:
