@@ -5,7 +5,9 @@
 The prompt is prefilled in one pass, then one token per step is decoded inside a single jitted
 ``lax.scan`` (one dispatch for the whole continuation, so the timing is the model, not Python). The
 same weights run twice, with the model's top-K sparsity and fully dense, and the tokens/s of both and
-their ratio are printed (``--sparsity S`` sets a uniform sparsity for the sparse run).
+their ratio are printed (``--sparsity S`` sets a uniform sparsity for the sparse run). An LTE model
+(``model.lte.enabled``) runs reading only the selected experts' weights (``lte.execution: gather``) vs
+the same weights with a dense FFN, and the experts read per decode step (the batch's union) are printed.
 """
 
 from __future__ import annotations
@@ -162,9 +164,21 @@ def main(argv=None) -> int:
             raise ConfigError("--prompt is empty after tokenization")
         prompt = np.tile(ids[None], (args.batch, 1))
         runs = {"sparse": sparse, "dense": SparsityConfig()} if sparse.enabled else {"dense": SparsityConfig()}
+        models = dict.fromkeys(runs, model)
+        if model.config.lte.enabled:  # LTE: only the selected experts (gather) vs the same weights, dense FFN
+            from .lte import dense_variant, with_execution
+            from .model import functional
+
+            if args.kernels != "off" or args.sparsity is not None:
+                raise ConfigError("an LTE model decodes with its own sparsity and kernels off (no --kernels, --sparsity)")
+            runs = {"lte": sparse, "dense": sparse}
+            models = {"lte": with_execution(model, "gather"), "dense": dense_variant(model)}
         results = {}
         for name, sp in runs.items():
-            apply, params = variant(model, sp, args.kernels, args.bits)  # validates S, kernels; packs once
+            if model.config.lte.enabled:
+                apply, params = functional(models[name])
+            else:
+                apply, params = variant(model, sp, args.kernels, args.bits)  # validates S, kernels; packs once
             out, t = generate(apply, params, apply.config, prompt, args.max_new_tokens,
                               temperature=args.temperature, repeats=args.repeats)
             results[name] = (out, t)
@@ -177,7 +191,14 @@ def main(argv=None) -> int:
           f"kernels {args.kernels}, {jax.devices()[0].platform})")
     for name, (_, t) in results.items():
         print(f"{name:<8} {t['prefill_s'] * 1e3:>11.2f} {t['tokens_per_s']:>13.1f}")
-    if len(results) == 2:
+    if "lte" in results:
+        from .lte import decode_union
+
+        u = decode_union(model, results["lte"][0])
+        print(f"lte / dense decode speed: {results['lte'][1]['tokens_per_s'] / results['dense'][1]['tokens_per_s']:.3f}x; "
+              f"experts per layer {u['experts']}, selected per token {u['selected_per_token']:.2f}, "
+              f"union read per decode step (batch {args.batch}) {u['union_per_step']:.2f}")
+    elif len(results) == 2:
         print(f"sparse / dense decode speed: {results['sparse'][1]['tokens_per_s'] / results['dense'][1]['tokens_per_s']:.3f}x")
     return 0
 
