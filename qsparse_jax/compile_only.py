@@ -65,7 +65,8 @@ def compile_step(cfg: Config, devices):
 
     t0 = time.perf_counter()
     s, state = abstract_setup(cfg, devices)
-    compiled = make_train_step(s).lower(state, abstract_batch(cfg, s.batch_sharding)).compile()
+    consts = {m.name: c for m in s.methods if (c := m.abstract_constants(s.mesh)) is not None}  # e.g. a teacher
+    compiled = make_train_step(s, consts).lower(state, abstract_batch(cfg, s.batch_sharding)).compile()
     return compiled, s, state, time.perf_counter() - t0
 
 

@@ -60,6 +60,10 @@ class TrainingMethod:
     def constants(self, mesh) -> Any:
         return None
 
+    def abstract_constants(self, mesh) -> Any:
+        """``constants`` as ``jax.ShapeDtypeStruct``s with shardings (``train.py --compile_only``)."""
+        return None
+
     def loss_terms(self, ctx: Context, consts) -> dict[str, jax.Array]:
         return {}
 
@@ -257,6 +261,7 @@ class Distillation(TrainingMethod):
         self.d = cfg.train.distill
         self.ce_weight = self.d.ce_weight
         self.vocab = cfg.model.vocab_size
+        self.student = cfg.model
         self.graphdef = None
 
     def constants(self, mesh):
@@ -279,6 +284,37 @@ class Distillation(TrainingMethod):
         if vocab != self.vocab:
             raise ConfigError(f"train.distill.teacher has vocab_size {vocab}, the student {self.vocab}; they must match")
         return params
+
+    def _teacher_config(self):
+        """The teacher's model config: its checkpoint's or HF config; without the directory (planning a
+        run elsewhere), the student's architecture without its methods (the dense original)."""
+        import json
+        from pathlib import Path
+
+        from .config import from_dict
+
+        path = Path(self.d.teacher)
+        if (path / "config.json").is_file():
+            from .hf import config_from_hf
+
+            return config_from_hf(json.loads((path / "config.json").read_text()))
+        if path.is_dir():
+            from . import checkpoint as ckpt
+
+            return from_dict(Config, ckpt.read_config(str(path))[0]).model
+        print(f"note: train.distill.teacher {self.d.teacher} is not here; compiling with the student's architecture "
+              "as the dense teacher", flush=True)
+        return self.student.replace(weight_sparsity=type(self.student.weight_sparsity)(),
+                                    **({"lte": type(self.student.lte)()} if hasattr(self.student, "lte") else {}))
+
+    def abstract_constants(self, mesh):
+        from .model import Transformer
+        from .sharding import state_shardings
+
+        tcfg = self._teacher_config()
+        self.graphdef, like = nnx.split(nnx.eval_shape(lambda: Transformer(tcfg, rngs=nnx.Rngs(0))))
+        return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), like,
+                            state_shardings(like, mesh))
 
     def loss_terms(self, ctx, teacher_params):
         teacher = jax.lax.stop_gradient(nnx.merge(self.graphdef, teacher_params)(ctx.inputs, **ctx.kwargs))

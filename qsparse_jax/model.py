@@ -189,15 +189,25 @@ def activated_params(config: ModelConfig, sparsity: dict[str, float]) -> dict[st
     ``overall`` is the parameter-weighted sparsity over the block projections and ``N_a`` the block
     projection weights a token touches, ``Σ (1 − S_p)·|W_p|``. With Mistral-7B shapes and the paper's
     QKV 42.0 / Out 40.0 / Up 40.0 / Gate 40.0 / Down 60.4 this gives overall 45.7 % and N_a 3.8B, as
-    the paper reports. ``N_total`` counts every parameter, ``N_head`` the dense LM head.
+    the paper reports. ``N_total`` counts every parameter, ``N_head`` the dense LM head. With AST N:M weights
+    (``model.weight_sparsity``) ``N_a`` counts the kept ``N/M`` of the weights plus the SLoRB parameters
+    (``N_slorb``, also in ``N_total``).
     """
     params = projection_params(config)
     n_proj = sum(params.values())
     n_a = sum((1.0 - sparsity[g]) * n for g, n in params.items())
     n_head = config.dim * config.vocab_size
     n_embed = 0 if config.tie_embeddings else n_head
-    return {"overall": 1.0 - n_a / n_proj, "N_a": n_a, "N_proj": float(n_proj), "N_head": float(n_head),
-            "N_total": float(n_proj + n_head + n_embed + config.dim * (2 * config.n_layers + 1))}
+    out = {"overall": 1.0 - n_a / n_proj, "N_a": n_a, "N_proj": float(n_proj), "N_head": float(n_head),
+           "N_total": float(n_proj + n_head + n_embed + config.dim * (2 * config.n_layers + 1))}
+    ws = config.weight_sparsity
+    if ws.enabled:  # AST: a token meets only the N of every M weights, plus every SLoRB parameter
+        from .weight_sparsity import slorb_model_params
+
+        n_slorb = float(slorb_model_params(config, ws.slorb_group, ws.slorb_train_x)) if ws.slorb else 0.0
+        out.update(N_a=n_a * ws.n / ws.m + n_slorb, N_slorb=n_slorb, N_total=out["N_total"] + n_slorb,
+                   weight_density=ws.n / ws.m)
+    return out
 
 
 def measure_sparsity(model_or_apply, params_or_tokens, tokens=None, **kw) -> dict[str, float]:

@@ -189,7 +189,8 @@ def make_train_step(s: Setup, consts: dict | None = None):
     consts = consts or {}
 
     def sum_fn(train_params, rest, batch, step_no, consts):
-        params = nnx.merge_state(train_params, rest)
+        # fresh Variables for the carried state, made at this trace level (nnx.remat writes state back to them)
+        params = nnx.merge_state(train_params, jax.tree.map(lambda x: x, rest))
         inputs, targets, kw, weights = split_batch(batch)
         out = s.apply(params, inputs, return_stats=need_stats, **kw)
         logits, stats = out if need_stats else (out, None)
@@ -249,9 +250,22 @@ def make_train_step(s: Setup, consts: dict | None = None):
     if consts:  # constants keep their own (mesh) shardings and are never donated
         jitted = jax.jit(step, in_shardings=(s.state_sharding, s.batch_sharding, None),
                          out_shardings=(s.state_sharding, None), donate_argnums=(0,))
-        return lambda state, batch: jitted(state, batch, consts)
+        return _WithConstants(jitted, consts)
     return jax.jit(lambda state, batch: step(state, batch, {}), in_shardings=(s.state_sharding, s.batch_sharding),
                    out_shardings=(s.state_sharding, None), donate_argnums=(0,))
+
+
+class _WithConstants:
+    """A jitted ``step(state, batch, consts)`` called as ``step(state, batch)`` (also ``.lower``)."""
+
+    def __init__(self, jitted, consts):
+        self.jitted, self.consts = jitted, consts
+
+    def __call__(self, state, batch):
+        return self.jitted(state, batch, self.consts)
+
+    def lower(self, state, batch):
+        return self.jitted.lower(state, batch, self.consts)
 
 
 def make_eval_step(s: Setup):

@@ -250,3 +250,26 @@ def test_ast_under_an_fsdp_tensor_mesh_gives_the_single_device_losses(corpus, tm
     np.testing.assert_allclose([r["loss"] for r in eight], [r["loss"] for r in one], atol=1e-5)
     assert [r["ast/flip_since_start"]["overall"] for r in eight] == pytest.approx(
         [r["ast/flip_since_start"]["overall"] for r in one], abs=1e-6)
+
+
+def test_parameter_accounting_counts_kept_weights_and_slorb():
+    from qsparse_jax.model import activated_params, projection_params
+
+    cfg = ModelConfig(weight_sparsity={"n": 2, "m": 4, "slorb": True, "slorb_group": 16})
+    dense = {g: 0.0 for g in ("qkv", "out", "up", "gate", "down")}
+    acct = activated_params(cfg, dense)
+    lin = nnx.split(nnx.eval_shape(lambda: __import__("qsparse_jax.model").model.Transformer(cfg, rngs=nnx.Rngs(0))))[1]
+    n_slorb = sum(v.size for p, v in leaves_by_path(lin).items() if p[-1] == "slorb_s")
+    assert acct["N_slorb"] == n_slorb == sum(projection_params(cfg).values()) / 16
+    assert acct["N_a"] == sum(projection_params(cfg).values()) / 2 + n_slorb
+
+
+@pytest.mark.parametrize("base, remat", [([], "full"), (["model.scan_layers=true"], "dots")], ids=["remat", "scan-remat"])
+def test_ast_step_under_remat_equals_the_plain_step(corpus, base, remat):
+    losses = []
+    for extra in (base, [*base, f"model.remat={remat}"]):
+        cfg = cfg_of(corpus, *AST, "model.weight_sparsity.slorb=true", "model.weight_sparsity.slorb_group=8", *extra)
+        s, state = setup(cfg)
+        state, m = make_train_step(s)(state, batch_of(cfg))
+        losses.append(float(m["loss"]))
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)
