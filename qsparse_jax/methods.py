@@ -250,6 +250,9 @@ def kd_loss_sum(student_logits, teacher_logits, temperature: float, weights=None
     return jnp.sum(kl if weights is None else kl * weights)
 
 
+_NOTED: set[str] = set()  # absent teachers already noted (compile-only compiles several variants)
+
+
 class Distillation(TrainingMethod):
     """``loss = ce_weight·CE + weight·KD`` with a frozen teacher run in the same jitted step; the teacher
     (a checkpoint or HF directory; any architecture with the student's vocabulary) is read straight into
@@ -302,8 +305,10 @@ class Distillation(TrainingMethod):
             from . import checkpoint as ckpt
 
             return from_dict(Config, ckpt.read_config(str(path))[0]).model
-        print(f"note: train.distill.teacher {self.d.teacher} is not here; compiling with the student's architecture "
-              "as the dense teacher", flush=True)
+        if self.d.teacher not in _NOTED:
+            _NOTED.add(self.d.teacher)
+            print(f"note: train.distill.teacher {self.d.teacher} is not here; compiling with the student's "
+                  "architecture as the dense teacher", flush=True)
         return self.student.replace(weight_sparsity=type(self.student.weight_sparsity)(),
                                     **({"lte": type(self.student.lte)()} if hasattr(self.student, "lte") else {}))
 
@@ -317,5 +322,7 @@ class Distillation(TrainingMethod):
                             state_shardings(like, mesh))
 
     def loss_terms(self, ctx, teacher_params):
-        teacher = jax.lax.stop_gradient(nnx.merge(self.graphdef, teacher_params)(ctx.inputs, **ctx.kwargs))
+        # fresh Variables at this trace level (the teacher's nnx.remat writes state back to them)
+        teacher_model = nnx.merge(self.graphdef, jax.tree.map(lambda x: x, teacher_params))
+        teacher = jax.lax.stop_gradient(teacher_model(ctx.inputs, **ctx.kwargs))
         return {"kd": self.d.weight * kd_loss_sum(ctx.logits, teacher, self.d.temperature, ctx.weights)}
