@@ -181,14 +181,13 @@ class AdaptiveSparseTraining(TrainingMethod):
             return grads
         lam = decay_lambda(step, rate=self.ws.decay_rate, warm=self.ws.decay_max / self.ws.decay_rate,
                            max_=self.ws.decay_max)
-        masks = leaves_by_path(self._masks(params))
+        masks, flat = leaves_by_path(self._masks(params)), leaves_by_path(params)
 
         def one(path, g):
             p = key_path(path)
             if p[-1] != "weight" or p[:-1] + ("mask",) not in masks:
                 return g
-            w = leaves_by_path(params)[p]
-            return decayed_grad(g, w, masks[p[:-1] + ("mask",)], lam).astype(g.dtype)
+            return decayed_grad(g, flat[p], masks[p[:-1] + ("mask",)], lam).astype(g.dtype)
 
         return jax.tree_util.tree_map_with_path(one, grads)
 

@@ -23,16 +23,6 @@ SMALL = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.hidden_di
 AST = ["model.weight_sparsity.n=2", "model.weight_sparsity.m=4"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    words = ["def", "return", "self", "import", "class", "for", "in", "if", "else", "x", "y", "(", ")", ":"]
-    for i in range(12):
-        (d / f"doc{i:02d}.py").write_text(" ".join(rng.choice(words, 300)) + "\n")
-    return str(d)
-
-
 def cfg_of(corpus, *extra):
     return load_config(str(ROOT / "configs/tiny.yaml"), SMALL + [f"data.source={corpus}", *extra])
 

@@ -20,16 +20,6 @@ SMALL = ["model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.hidden_di
          "model.sparsity.qkv=0.3", "model.sparsity.out=0.3", "model.sparsity.gate_up=0.3", "model.sparsity.down=0.3"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    words = ["def", "return", "self", "import", "class", "for", "in", "if", "else", "x", "y", "(", ")", ":"]
-    for i in range(24):
-        (d / f"doc{i:02d}.py").write_text(" ".join(rng.choice(words, 400)) + "\n")
-    return str(d)
-
-
 def losses(workdir):
     return {r["step"]: r["loss"] for r in map(json.loads, open(Path(workdir) / "metrics.jsonl"))}
 
