@@ -64,6 +64,7 @@ def decay(steps: int, scale: float) -> dict:
 
 def variants(dense_ckpt: str, sgpt_ckpt: str, steps: int) -> dict:
     """name -> (overrides on top of retrain_overrides, init_from)."""
+    strong_ckpt = str(Path(dense_ckpt).parent.parent / "dense_cont_s0" / "checkpoints")
     fixed = {"model.weight_sparsity.mask_every": 0, "model.weight_sparsity.decay_rate": 0.0,
              "model.weight_sparsity.decay_max": 0.0}
     kd = {"train.distill.teacher": dense_ckpt, "train.distill.weight": 0.5, "train.distill.ce_weight": 1.0,
@@ -83,6 +84,9 @@ def variants(dense_ckpt: str, sgpt_ckpt: str, steps: int) -> dict:
         "ast_decay1000_kd": ({**decay(steps, 1000), **kd}, dense_ckpt),
         "ast_decay1000_kd_slorb": ({**decay(steps, 1000), **kd, "model.weight_sparsity.slorb": True,
                                     "model.weight_sparsity.slorb_group": 16}, dense_ckpt),
+        # KD from a stronger teacher: the dense control (the dense model trained on with the retraining recipe)
+        "fixed_kdstrong": ({**fixed, **kd, "train.distill.teacher": strong_ckpt}, dense_ckpt),
+        "ast_decay1000_kdstrong": ({**decay(steps, 1000), **kd, "train.distill.teacher": strong_ckpt}, dense_ckpt),
         # the paper's LR ratio (2e-5 retraining after a 3e-4 pretraining peak: 1/15) instead of 1/3
         "lowlr_fixed": ({**fixed, "optim.lr": 2e-4}, dense_ckpt),
         "lowlr_ast": ({"optim.lr": 2e-4}, dense_ckpt),
@@ -95,6 +99,7 @@ LABELS = {"fixed": "fixed mask (magnitude)", "ast": "AST masks", "ast_kd": "AST 
           "dense_cont": "dense, trained on with the same recipe (control)",
           "ast_decay100": "AST masks, λ × 100", "ast_decay1000": "AST masks, λ × 1000",
           "ast_decay1000_kd": "AST masks, λ × 1000, + KD", "ast_decay1000_kd_slorb": "AST masks, λ × 1000, + KD + SLoRB",
+          "fixed_kdstrong": "fixed mask + KD from the dense control", "ast_decay1000_kdstrong": "AST masks, λ × 1000, + KD from the dense control",
           "lowlr_fixed": "LR 2e-4: fixed mask", "lowlr_ast": "LR 2e-4: AST masks",
           "lowlr_ast_decay1000": "LR 2e-4: AST masks, λ × 1000"}
 KEY_ROWS = ("fixed", "ast", "ast_kd", "ast_kd_slorb", "ast_decay1000", "ast_decay1000_kd", "ast_decay1000_kd_slorb")
