@@ -263,3 +263,16 @@ def test_ast_step_under_remat_equals_the_plain_step(corpus, base, remat):
         state, m = make_train_step(s)(state, batch_of(cfg))
         losses.append(float(m["loss"]))
     assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+
+
+def test_q_sparse_training_distills_from_an_hf_teacher(corpus, tmp_path):
+    """Distillation is not tied to AST: a Q-Sparse student (keep 70 %) with a dense HF-format teacher."""
+    from qsparse_jax.hf import save_pretrained
+    from qsparse_jax.model import Transformer
+
+    cfg = cfg_of(corpus, "model.activation=silu")
+    save_pretrained(Transformer(cfg.model, rngs=nnx.Rngs(0)), tmp_path / "teacher")
+    student = [f"model.sparsity.{g}=0.3" for g in ("qkv", "out", "gate_up", "down")]
+    m = train(cfg_of(corpus, "model.activation=silu", *student, f"train.distill.teacher={tmp_path / 'teacher'}",
+                     "train.distill.weight=1.0", "train.steps=2", "train.log_every=1"), tmp_path / "run")
+    assert m["kd"] > 0 and m["loss"] == pytest.approx(m["ce"] + m["kd"], rel=1e-5)
