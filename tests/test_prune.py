@@ -1,6 +1,5 @@
 """``python -m qsparse_jax.prune``: one-shot 2:4 checkpoints that evaluate, train and export like any other."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -89,3 +88,21 @@ def test_bad_input_is_a_one_line_error(args, msg, dense_ckpt, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(msg) and "\n" not in err, err
     assert not (tmp_path / "O").exists()
+
+
+def test_prune_an_hf_directory(tmp_path):
+    """--hf: a Llama directory (here a ReLU² one we export) is calibrated on the default corpus and written
+    as a checkpoint + config.yaml whose model is the HF one."""
+    import yaml
+
+    from qsparse_jax.hf import save_pretrained
+    from qsparse_jax.model import Transformer
+    from qsparse_jax.prune import prune
+
+    save_pretrained(Transformer(tiny_config().model, rngs=nnx.Rngs(1)), tmp_path / "hf")
+    s = prune("wanda", str(tmp_path / "out"), hf=str(tmp_path / "hf"), calib_batches=1, seq_len=16, progress=False)
+    assert s["calib_tokens"] == 16 * 16  # one batch of data.batch_size 16 windows of 16 tokens
+    cfg = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert cfg["model"]["activation"] == "relu2" and cfg["data"]["seq_len"] == 16
+    w = flat_params(tmp_path / "out" / "checkpoints")[("layers", 0, "mlp", "w_up", "weight")]
+    assert np.all((w != 0).reshape(-1, 4, w.shape[1]).sum(1) == 2)
