@@ -244,3 +244,22 @@ def test_bad_lte_configs_are_one_line_errors():
     with pytest.raises(ConfigError, match="execution=gather needs"):
         Transformer(ModelConfig(**TINY, sparsity={"down": 0.5}, lte=LTEConfig(enabled=True, execution="gather")),
                     rngs=nnx.Rngs(0))
+
+
+def test_hf_silu_model_groups_into_experts_with_its_outputs_unchanged(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from qsparse_jax.hf import load_pretrained
+
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, attn_implementation="eager")).float().eval()
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    t = np.random.default_rng(0).integers(0, 97, (2, 11))
+    with torch.no_grad():
+        ref = hf(torch.as_tensor(t, dtype=torch.long)).logits.numpy()
+    model = load_pretrained(tmp_path / "hf")
+    assert model.config.activation == "silu"
+    lte_model, _ = L.to_lte(model, LTEConfig(enabled=True, expert_size=16, mode="moefication", top_k=6))
+    np.testing.assert_allclose(lte_model(jnp.asarray(t)), ref, atol=1e-4, rtol=1e-4)

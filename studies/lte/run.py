@@ -34,6 +34,11 @@ COMMON = ["model.n_layers=2", "model.dim=96", "model.hidden_dim=256", "model.n_h
           "train.eval_batches=8", "checkpoint.every=0", "checkpoint.keep=1"]
 DENSE = ["model.sparsity.qkv=0", "model.sparsity.out=0", "model.sparsity.gate_up=0", "model.sparsity.down=0"]
 CONT = ["optim.lr=2e-3", "optim.warmup_steps=10", "optim.schedule=cosine"]
+# LTE variants at the chosen eta: (stage-1 steps, stage-2 steps, overrides for both stages, activations);
+# the same 200 steps split differently, or a stronger separability loss
+ABLATIONS = {"separability 1.0": (STAGE1, STAGE2, ["model.lte.separability=1.0"], ("relu2",)),
+             "stage 2 twice as long": (STAGE1 - STAGE2, 2 * STAGE2, [], ("relu2", "silu")),
+             "stage 2 three times as long": (STAGE1 - 2 * STAGE2, 3 * STAGE2, [], ("relu2",))}
 EXPERT = 16  # neurons per expert: 16 experts of the 256-neuron FFN (the paper's 32 would leave 8)
 EVAL_BATCHES = 32  # 32 x 16 x 128 = 65k validation bytes
 
@@ -228,8 +233,17 @@ def main(argv=None) -> int:
         moe_model = with_config(moe_model, lte=dataclasses.replace(moe_model.config.lte, top_k=k))
         R["moefication"] = {**evaluate(moe_model, vb), "top_k": k, "experts": E,
                             "router_topk_recall": json.loads((moe0 / "fit.json").read_text())["router_topk_recall"]}
-        # the same LTE-trained model routed by top-k (k as above) isolates training from the routing rule
-        if act == "relu2":
+        abl = R.setdefault("ablations", {})
+        for j, (label, (n1, n2, extra, acts)) in enumerate(ABLATIONS.items()):
+            if act in acts:
+                w1 = run_train(out, f"lte1_{act}_abl{j}", CONT + [f"train.steps={n1}", f"model.lte.eta={eta}", *extra],
+                               init_from=lte0 / "checkpoints", cfg_path=lte0 / "config.yaml")
+                w2 = run_train(out, f"lte2_{act}_abl{j}", CONT + [f"train.steps={n2}", f"model.lte.eta={eta}",
+                                                                  "model.lte.stage=2", *extra],
+                               init_from=w1 / "checkpoints", cfg_path=lte0 / "config.yaml")
+                abl[label] = {"stage1_only": evaluate(hard(load(w1)[0]), vb), "final": evaluate(load(w2)[0], vb),
+                              "steps": [n1, n2]}
+                save()
             R["decode"] = decode_speed(lte_model, vb[0][:1, :16])
         save()
         print(f"{act} done at {time.time() - t_start:.0f} s", flush=True)
@@ -267,6 +281,15 @@ def write_md(results: dict, path: Path):
                   "| η | FFN sparsity | val loss | scores within 0.05 of τ |", "|---|---|---|---|"]
         for eta, r in R["eta_sweep"].items():
             lines.append(f"| {eta} | {100 * r['ffn_sparsity']:.1f} % | {r['val_loss']:.4f} | {100 * r['near_tau']:.1f} % |")
+        for n, (label, r) in enumerate(R.get("ablations", {}).items()):
+            if n == 0:
+                lines += ["", f"LTE variants (η {R['lte']['eta']}; stage-1 + stage-2 steps; the main row above is "
+                          f"{STAGE1} + {STAGE2}):", "",
+                          "| LTE variant | steps | val loss after stage 1 (hard) | sparsity | val loss after stage 2 | "
+                          "sparsity |", "|---|---|---|---|---|---|"]
+            a, b = r["stage1_only"], r["final"]
+            lines.append(f"| {label} | {r['steps'][0]} + {r['steps'][1]} | {a['val_loss']:.4f} | "
+                         f"{100 * a['ffn_sparsity']:.1f} % | {b['val_loss']:.4f} | {100 * b['ffn_sparsity']:.1f} % |")
         v = R["variation"]
         lines += ["", "Sparsity by layer and token (LTE stage 2, one validation batch): " + "; ".join(
             f"layer {i}: mean {100 * m:.1f} %, token std {100 * s:.1f} pts, p10–p90 {100 * a:.0f}–{100 * b:.0f} %"
