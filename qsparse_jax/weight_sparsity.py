@@ -179,7 +179,9 @@ def sparsegpt_prune(w, H, n: int = 2, m: int = 4, blocksize: int = 128, percdamp
     4. each column ``j`` is zeroed where pruned, its error ``e = (W_j − Ŵ_j) / U_jj`` is pushed onto the block's
        later columns, ``W_{j:} −= e · U_{j, j:}``, and after the block onto every later column (lazy batch).
 
-    Transcribed from the authors' ``sparsegpt.py`` (github.com/IST-DASLab/sparsegpt, ``fasterprune``), our own code.
+    Follows the authors' ``SparseGPT.fasterprune`` (github.com/IST-DASLab/sparsegpt, ``sparsegpt.py``), written
+    anew; two differences: dead inputs keep their weights (the authors zero them, which can leave a group
+    with fewer than ``n`` nonzeros), and ties in the saliency go to the lower index (``torch.topk``'s order).
     """
     w = np.asarray(w)
     _check_groups(w.shape, m, "w")
