@@ -55,10 +55,12 @@ Choices the paper leaves open (or that its public descriptions do not pin down),
    selected experts, each iteration one expert's contiguous blocks; at batch 1 the union is the token's
    selection. The gate/up weights are kept a second time expert-major ``[2, E, dim, s]`` for inference
    (:class:`ExpertMajor`, made by :func:`with_execution`; a deployment would store only that layout),
-   because a column gather of ``[dim, hidden]`` on XLA:CPU costs more than the dense matmul it replaces
-   (measured: ~1.3–7× slower than dense at half the experts), while the per-expert loop over contiguous
-   blocks was 1.3–2.5× faster than dense at d=1024, hidden=2816, 44–50 % of the experts (XLA:CPU pays
-   ~10 µs per loop iteration, so small FFNs gain little or lose).
+   because gathering the selected columns of ``[dim, hidden]`` (or blocks of ``[E, dim, s]``) on XLA:CPU
+   costs 2.7–16× the dense FFN, while the loop over contiguous blocks is the fastest skip we found. It is
+   still no faster than dense on XLA:CPU (measured, idle 2-core CPU, batch 1, half the experts: 0.9× of
+   dense at dim 1024 / hidden 2816, 0.5× at 2048 / 5632 and 4096 / 11008): the dense matmul uses every
+   core, the loop one core, and XLA copies each dynamic slice before its dot. The paper's 25 % latency cut
+   needs a kernel that reads the selected blocks in place (its Triton kernel); none is here.
 9. *MoEfication baseline*: label of expert ``e`` for a token = 1 iff ``e`` is among the token's
    ``top_k`` experts by the L2 norm of its slice of ``up ⊙ act(gate)`` (works for SiLU, where nothing is
    exactly zero, as well as ReLU²); routers fit by Adam on binary cross-entropy over calibration tokens,
@@ -309,7 +311,8 @@ class LTEFeedForward(nnx.Module):
             e = order[i]
             h = (xs @ wgu[1, e]) * _act(xs @ wgu[0, e], self.activation)  # [T, s]
             h = h * selt[:, e][:, None].astype(h.dtype)
-            zeros = zeros + jnp.sum(h == 0, dtype=jnp.float32)
+            if stats is not None:  # decode asks for no stats: no extra reduction per expert
+                zeros = zeros + jnp.sum(h == 0, dtype=jnp.float32)
             if nw is not None:  # SubLN: RMS over the whole hidden vector (skipped neurons are zeros)
                 ss = ss + jnp.sum(jnp.square(h.astype(jnp.float32)), axis=-1)
                 h = (h.astype(jnp.float32) * nw[e]).astype(h.dtype)
