@@ -263,3 +263,37 @@ def test_hf_silu_model_groups_into_experts_with_its_outputs_unchanged(tmp_path):
     assert model.config.activation == "silu"
     lte_model, _ = L.to_lte(model, LTEConfig(enabled=True, expert_size=16, mode="moefication", top_k=6))
     np.testing.assert_allclose(lte_model(jnp.asarray(t)), ref, atol=1e-4, rtol=1e-4)
+
+
+MESH_SCRIPT = """
+import json, sys
+from qsparse_jax.config import load_config
+from qsparse_jax.trainer import train
+train(load_config(sys.argv[1], json.loads(sys.argv[2])), sys.argv[3])
+"""
+
+
+def test_stage1_under_a_data_fsdp_tensor_mesh_gives_the_single_device_losses(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from qsparse_jax.trainer import train
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "c").mkdir()
+    for i in range(8):
+        (tmp_path / "c" / f"d{i}.py").write_text(" ".join(rng.choice(["def", "return", "self", "x", "(", ")"], 400)))
+    over = SMALL + [f"data.source={tmp_path / 'c'}", "model.lte.eta=0.5", "train.steps=3", "train.log_every=1",
+                    "train.eval_every=3", "train.eval_batches=1"]
+    train(load_config(str(ROOT / "configs/tiny.yaml"), over), tmp_path / "one")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(ROOT / "configs/tiny.yaml"),
+                          json.dumps(over + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]), str(tmp_path / "eight")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = lambda d: [json.loads(r) for r in open(d / "metrics.jsonl")]
+    one, eight = rows(tmp_path / "one"), rows(tmp_path / "eight")
+    np.testing.assert_allclose([r["loss"] for r in eight], [r["loss"] for r in one], atol=1e-5)
+    np.testing.assert_allclose([r["lte_efficiency"] for r in eight], [r["lte_efficiency"] for r in one], atol=1e-6)
+    assert [r["lte"]["ffn_sparsity"] for r in eight] == pytest.approx([r["lte"]["ffn_sparsity"] for r in one], abs=1e-6)
