@@ -17,7 +17,8 @@ Pieces (all usable on their own):
 - **MoEfication baseline** (:func:`fit_moefication_routers`): routers fit to a *dense* model (not trained
   with it) to predict which experts are active; the ``top_k`` best-scored experts are kept per token.
 - **From a dense model** (:func:`to_lte`, ``python -m qsparse_jax.lte convert``): a dense checkpoint or HF
-  directory → grouped, permuted, routers added → a checkpoint for ``train.py --init_from``.
+  directory → grouped, permuted, routers added → a checkpoint for ``train.py --init_from`` (the routers
+  are not a method-added leaf: ``--init_from`` of the dense checkpoint itself would skip the grouping).
 - **Training hooks** (:class:`LTEMethod`): the trainer's method interface (frozen routers in stage 2, the
   efficiency and separability terms, sparsity / FLOPs / score-histogram metrics).
 
@@ -68,8 +69,8 @@ Choices the paper leaves open (or that its public descriptions do not pin down),
    router FLOPs equal to LTE's, so the comparison is about training, not router size). Top-k at inference.
 10. *Losses over tokens*: the router terms are summed over every input position of the batch (the
     router sees every token, padding included in SFT batches), each layer's term averaged over layers.
-11. *Where LTE does not apply*: the gather path needs full-precision projections without kernels, no
-    top-K or BitLinear norm at the down input and no SLoRB (those see the whole hidden vector); the
+11. *Where LTE does not apply*: the gather path needs kernels off, no top-K, BitLinear norm or int8
+    quantization at the down input and no SLoRB (those see the whole hidden vector); the
     masked path (training) works with everything ``FeedForward`` supports. Block top-K at the down input
     is not permutation-invariant, so :func:`to_lte` refuses models with ``sparsity.block_size`` and
     ``sparsity.down``.
