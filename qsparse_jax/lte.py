@@ -387,10 +387,10 @@ def ffn_flops_per_token(cfg: ModelConfig, active_experts: float | None = None, s
     return 6.0 * d * h * L
 
 
-def lte_summary(cfg: ModelConfig, stats: dict) -> dict:
-    """FFN sparsity, active experts, FLOPs/token, mean losses and the score histogram from ``stats`` (the
-    model's ``return_stats`` dict, summed over layers; a per-layer vector ``lte_active`` [L] also gives
-    ``ffn_sparsity_layer{l}``)."""
+def lte_summary(cfg: ModelConfig, stats: dict) -> tuple[dict, dict]:
+    """(summary, histogram) from ``stats`` (the model's ``return_stats`` dict, summed over layers): FFN
+    sparsity, active experts, FLOPs/token, mean losses; the router-score histogram as fractions per bin.
+    A per-layer vector ``lte_active`` [L] also gives ``ffn_sparsity_layer{l}``."""
     E = cfg.hidden_dim // cfg.lte.expert_size
     L = cfg.n_layers
     active = np.asarray(stats["lte_active"], np.float64)
