@@ -390,10 +390,10 @@ def ffn_flops_per_token(cfg: ModelConfig, active_experts: float | None = None, s
 def lte_summary(cfg: ModelConfig, stats: dict) -> tuple[dict, dict]:
     """(summary, histogram) from ``stats`` (the model's ``return_stats`` dict, summed over layers): FFN
     sparsity, active experts, FLOPs/token, mean losses; the router-score histogram as fractions per bin.
-    A per-layer vector ``lte_active`` [L] also gives ``ffn_sparsity_layer{l}``."""
+    The per-layer vector ``stats["by_layer"]["lte_active"]`` [L] also gives ``ffn_sparsity_layer{l}``."""
     E = cfg.hidden_dim // cfg.lte.expert_size
     L = cfg.n_layers
-    active = np.asarray(stats["lte_active"], np.float64)
+    active = np.asarray(stats.get("by_layer", stats)["lte_active"], np.float64)
     tok = np.asarray(stats["lte_tokens"], np.float64)
     tok_per_layer = float(np.sum(tok)) / L  # tokens seen by one layer
     mean_active = float(np.sum(active)) / (tok_per_layer * L)
@@ -427,6 +427,8 @@ class LTEMethod(TrainingMethod):
 
     name = "lte"
     needs_stats = True
+    # routers are not added at --init_from (they need the neurons grouped and permuted first)
+    init_from_hint = "make an LTE checkpoint from a dense one with python -m qsparse_jax.lte convert"
 
     def __init__(self, cfg):
         self.model_cfg = cfg.model

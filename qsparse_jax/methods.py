@@ -56,6 +56,7 @@ class TrainingMethod:
     needs_stats = False
     ce_weight = 1.0
     adds: tuple[str, ...] = ()  # names of the leaves it adds to a model: a checkpoint without it may lack them
+    init_from_hint = ""  # said when an --init_from checkpoint lacks parameters this method needs
 
     def constants(self, mesh) -> Any:
         return None

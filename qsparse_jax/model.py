@@ -46,27 +46,30 @@ class Transformer(nnx.Module):
     def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, return_stats: bool = False, cache: list | None = None):
         """tokens, positions, segment_ids: int [batch, seq]. With ``return_stats`` also returns the
-        number of zeros seen at each projection group's matmul input, summed over layers. With a KV
+        number of zeros seen at each projection group's matmul input (and the layers' other statistics,
+        e.g. LTE's), summed over layers, with each key's [n_layers] vector under ``stats["by_layer"]``. With a KV
         ``cache`` (:func:`init_cache`) the tokens continue the cached ones: returns ``(logits, cache)``."""
         cfg = self.config
         if positions is None and cache is not None:  # without a cache, attention takes 0..s-1 itself
             start = cache["index"][0] if cfg.scan_layers else cache[0]["index"]
             positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         x = constrain(jnp.take(self.embed[...], tokens, axis=0).astype(_dtype(cfg.dtype)), ACT)
-        stats: dict | None = {} if return_stats else None
-        run = _remat_block(cfg.remat) if cfg.remat != "none" and stats is None and cache is None else None
+        run = _remat_block(cfg.remat, return_stats) if cfg.remat != "none" and cache is None else None
         if cfg.scan_layers:
             x, stats, new_cache = _scan_blocks(self.layers, x, positions, segment_ids, return_stats, cache, run)
         else:
-            new_cache = []
+            new_cache, per_layer = [], []
             for i, layer in enumerate(self.layers):
+                st = {} if return_stats else None
                 if run is not None:
-                    x = run(layer, x, positions, segment_ids)
+                    x, st = run(layer, x, positions, segment_ids)
                 elif cache is None:
-                    x = layer(x, positions, segment_ids, stats)
+                    x = layer(x, positions, segment_ids, st)
                 else:
-                    x, c = layer(x, positions, segment_ids, stats, cache[i])
+                    x, c = layer(x, positions, segment_ids, st, cache[i])
                     new_cache.append(c)
+                per_layer.append(st)
+            stats = _layer_stats(jax.tree.map(lambda *v: jnp.stack(v), *per_layer)) if return_stats else None
         x = self.norm(constrain(x, ACT)).astype(jnp.float32)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         logits = constrain(x @ head.astype(jnp.float32), ("batch", "length", "act_vocab"))
@@ -82,15 +85,25 @@ REMAT_POLICIES = {
 }
 
 
-def _remat_block(policy: str):
-    """``block(x, positions, segment_ids)`` under activation checkpointing (``jax.checkpoint``)."""
-    return nnx.remat(lambda layer, x, positions, segment_ids: layer(x, positions, segment_ids),
-                     policy=REMAT_POLICIES[policy])
+def _remat_block(policy: str, with_stats: bool = False):
+    """``block(x, positions, segment_ids) -> (x, stats or None)`` under activation checkpointing
+    (``jax.checkpoint``); the layer's statistics are outputs, so training methods that read them
+    (LTE) keep remat."""
+    def run(layer, x, positions, segment_ids):
+        st = {} if with_stats else None
+        return layer(x, positions, segment_ids, st), st
+
+    return nnx.remat(run, policy=REMAT_POLICIES[policy])
+
+
+def _layer_stats(stacked: dict) -> dict:
+    """Per-layer statistics [n_layers] → their sums, and the vectors under ``by_layer``."""
+    return {**{k: jnp.sum(v) for k, v in stacked.items()}, "by_layer": stacked}
 
 
 def _scan_blocks(blocks, x, positions, segment_ids, return_stats: bool, cache, run):
     """The stacked Block applied layer after layer with ``lax.scan`` over its split state (one traced
-    body, so compile time does not grow with depth): returns (x, stats summed over layers, new cache).
+    body, so compile time does not grow with depth): returns (x, stats (``_layer_stats``), new cache).
     A plain ``lax.scan`` over ``nnx.split`` state, not ``nnx.scan``, so the model can itself be called
     inside other JAX loops (the decode loop's scan) with closed-over parameters."""
     graphdef, state = nnx.split(blocks)
@@ -103,15 +116,13 @@ def _scan_blocks(blocks, x, positions, segment_ids, return_stats: bool, cache, r
         if layer_cache is not None:
             x, c = block(x, positions, segment_ids, st, layer_cache)
         elif run is not None:
-            x = run(block, x, positions, segment_ids)
+            x, st = run(block, x, positions, segment_ids)
         else:
             x = block(x, positions, segment_ids, st)
         return constrain(x, ACT), (st, c)
 
     x, (stats, new_cache) = jax.lax.scan(body, x, (state, cache))
-    if return_stats:
-        stats = {k: jnp.sum(v) for k, v in stats.items()}
-    return x, stats, new_cache
+    return x, _layer_stats(stats) if return_stats else None, new_cache
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None):

@@ -470,13 +470,12 @@ def train(cfg: Config, workdir: str | Path, init_from: str | None = None, stop_a
         print(f"resumed from step {int(state['step'])} in {workdir / 'checkpoints'}", flush=True)
     elif init_from:
         added = {name for m in s.methods for name in m.adds}
-        if added:
-            params, missing = ckpt.restore_params(init_from, state["params"], allow_missing=True)
-            if unknown := [p for p in missing if p.rsplit("/", 1)[-1] not in added]:
-                raise ckpt.CheckpointError(f"--init_from: {init_from} lacks {len(unknown)} parameters of this model "
-                                           f"(e.g. {unknown[0]}); only a method's own ({', '.join(sorted(added))}) may be missing")
-        else:
-            params, missing = ckpt.restore_params(init_from, state["params"]), []
+        params, missing = ckpt.restore_params(init_from, state["params"], allow_missing=True)
+        if unknown := [p for p in missing if p.rsplit("/", 1)[-1] not in added]:
+            hints = "".join(f"; {m.init_from_hint}" for m in s.methods if m.init_from_hint)
+            allowed = f"only a method's own ({', '.join(sorted(added))}) may be missing" if added else "none may be missing"
+            raise ckpt.CheckpointError(f"--init_from: {init_from} lacks {len(unknown)} parameters of this model "
+                                       f"(e.g. {unknown[0]}); {allowed}{hints}")
         state = s.start(params)  # the methods prepare the loaded weights (AST masks, SLoRB) and restart their state
         kinds = collections.Counter(path.rsplit("/", 1)[-1] for path in missing)
         extra = (f" ({len(missing)} leaves not in the checkpoint kept as the methods made them: "

@@ -211,6 +211,18 @@ def test_log_metrics_report_sparsity_flops_and_histogram():
     model = nnx.merge(s.graphdef, state["params"])
     per_layer = L.layer_sparsity(model, _batch()[:, :-1])
     assert np.mean(per_layer) == pytest.approx(lte["ffn_sparsity"], abs=1e-6)
+    assert [lte[f"ffn_sparsity_layer{i}"] for i in range(len(per_layer))] == pytest.approx(per_layer, abs=1e-6)
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["layers", "scan"])
+def test_stage1_keeps_remat_and_its_loss_terms(scan):
+    """The model returns its statistics through the remat'd blocks: same loss and terms as without remat."""
+    out = []
+    for remat in ("none", "full"):
+        s, state, step = _setup("model.lte.eta=0.3", f"model.remat={remat}", f"model.scan_layers={str(scan).lower()}")
+        _, m = step(state, _batch())
+        out.append({k: float(m[k]) for k in ("loss", "lte_efficiency", "lte_separability")})
+    assert out[1] == pytest.approx(out[0], abs=1e-5)
 
 
 def test_dense_checkpoint_converts_and_trains_from_init_from(tmp_path):
@@ -297,3 +309,18 @@ def test_stage1_under_a_data_fsdp_tensor_mesh_gives_the_single_device_losses(tmp
     np.testing.assert_allclose([r["loss"] for r in eight], [r["loss"] for r in one], atol=1e-5)
     np.testing.assert_allclose([r["lte_efficiency"] for r in eight], [r["lte_efficiency"] for r in one], atol=1e-6)
     assert [r["lte"]["ffn_sparsity"] for r in eight] == pytest.approx([r["lte"]["ffn_sparsity"] for r in one], abs=1e-6)
+
+
+def test_init_from_a_dense_checkpoint_under_an_lte_config_is_a_one_line_error(tmp_path):
+    from qsparse_jax.checkpoint import CheckpointError
+    from qsparse_jax.trainer import train
+
+    (tmp_path / "c").mkdir()
+    for i in range(8):
+        (tmp_path / "c" / f"d{i}.py").write_text(f"def f{i}(x):\n    return x\n" * 100)
+    base = SMALL[:-2] + [f"data.source={tmp_path / 'c'}", "train.steps=1"]
+    dense_cfg = load_config(str(ROOT / "configs/tiny.yaml"), base)
+    L.write_checkpoint(Transformer(dense_cfg.model, rngs=nnx.Rngs(0)), dense_cfg, tmp_path / "dense")
+    cfg = load_config(str(ROOT / "configs/tiny.yaml"), base + ["model.lte.enabled=true", "model.lte.expert_size=16"])
+    with pytest.raises(CheckpointError, match="lacks 2 parameters .*router.*python -m qsparse_jax.lte convert"):
+        train(cfg, tmp_path / "run", init_from=str(tmp_path / "dense" / "checkpoints"))
