@@ -276,3 +276,20 @@ def test_q_sparse_training_distills_from_an_hf_teacher(corpus, tmp_path):
     m = train(cfg_of(corpus, "model.activation=silu", *student, f"train.distill.teacher={tmp_path / 'teacher'}",
                      "train.distill.weight=1.0", "train.steps=2", "train.log_every=1"), tmp_path / "run")
     assert m["kd"] > 0 and m["loss"] == pytest.approx(m["ce"] + m["kd"], rel=1e-5)
+
+
+def test_ast_with_top_k_activations_and_ternary_weights_trains_and_runs_through_the_kernels(corpus):
+    """AST composes with Q-Sparse top-K and 1.58-bit weights; the packed-kernel path sees W ⊙ M too."""
+    from qsparse_jax.model import with_config
+
+    quant = ["model.weight_bits=1.58", "model.act_bits=8", "model.input_norm=true"]
+    topk = [f"model.sparsity.{g}=0.5" for g in ("qkv", "out", "gate_up", "down")]
+    cfg = cfg_of(corpus, *AST, *quant, *topk, "optim.warmup_steps=0")
+    s, state = setup(cfg)
+    state, m = make_train_step(s)(state, batch_of(cfg))
+    assert np.isfinite(float(m["loss"]))
+    model = nnx.merge(s.graphdef, state["params"])
+    tokens = batch_of(cfg)[:2, :16]
+    want = model(tokens)
+    got = with_config(model, kernels="xla")(tokens)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-3, atol=2e-3)
