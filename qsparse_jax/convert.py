@@ -23,22 +23,28 @@ from .config import Config, ConfigError, DataConfig, from_dict, to_dict
 from .model import Transformer
 
 
-def import_hf(src: str, workdir: str, scan_layers: bool = False) -> Path:
+def empty_checkpoints_dir(workdir: str | Path, what: str = "WORKDIR") -> Path:
+    """``workdir/checkpoints``, refusing one that already holds checkpoints (nothing is overwritten)."""
+    ckpt_dir = Path(workdir) / "checkpoints"
+    if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+        raise ConfigError(f"{ckpt_dir} already holds checkpoints; choose an empty {what}")
+    return ckpt_dir
+
+
+def write_model_checkpoint(model, cfg: Config, workdir: str | Path, *, tokenizer_from: str | Path | None = None,
+                           what: str = "WORKDIR") -> Path:
+    """A model as ``WORKDIR/checkpoints/0`` (parameters) + ``WORKDIR/config.yaml``: a checkpoint that trains
+    (``--init_from``), evaluates and exports like any other. ``tokenizer_from``: a directory whose
+    ``tokenizer.json`` is copied in and becomes ``data.tokenizer``."""
     from . import checkpoint as ckpt
-    from .hf import load_pretrained
     from .trainer import write_config
 
-    model = load_pretrained(src, scan_layers=scan_layers)
     out = Path(workdir)
-    ckpt_dir = out / "checkpoints"
-    if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
-        raise ConfigError(f"{ckpt_dir} already holds checkpoints; choose an empty WORKDIR")
+    ckpt_dir = empty_checkpoints_dir(out, what)
     out.mkdir(parents=True, exist_ok=True)
-    data = DataConfig(seq_len=min(DataConfig.seq_len, model.config.max_seq_len))
-    if (Path(src) / "tokenizer.json").is_file():
-        shutil.copy(Path(src) / "tokenizer.json", out / "tokenizer.json")
-        data = dataclasses.replace(data, tokenizer=str((out / "tokenizer.json").absolute()))
-    cfg = Config(model=model.config, data=data)
+    if tokenizer_from is not None and (Path(tokenizer_from) / "tokenizer.json").is_file():
+        shutil.copy(Path(tokenizer_from) / "tokenizer.json", out / "tokenizer.json")
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str((out / "tokenizer.json").absolute())))
     _, params = nnx.split(model)
     mngr = ckpt.manager(ckpt_dir, cfg.checkpoint)
     ckpt.save(mngr, 0, {"params": params}, {}, to_dict(cfg), force=True)
@@ -46,6 +52,15 @@ def import_hf(src: str, workdir: str, scan_layers: bool = False) -> Path:
     mngr.close()
     write_config(out, cfg)
     return ckpt_dir
+
+
+def import_hf(src: str, workdir: str, scan_layers: bool = False) -> Path:
+    from .hf import load_pretrained
+
+    empty_checkpoints_dir(workdir)  # before the (long) load
+    model = load_pretrained(src, scan_layers=scan_layers)
+    cfg = Config(model=model.config, data=DataConfig(seq_len=min(DataConfig.seq_len, model.config.max_seq_len)))
+    return write_model_checkpoint(model, cfg, workdir, tokenizer_from=src)
 
 
 def load_checkpoint_model(ckpt_path: str, mesh=None):

@@ -651,22 +651,9 @@ def _copy_into(dst: dict, src: dict, skip: tuple = ()):
 
 def write_checkpoint(model, cfg, workdir: str | Path) -> Path:
     """``WORKDIR/checkpoints/0`` (parameters) + ``WORKDIR/config.yaml``, for ``train.py --init_from``."""
-    from . import checkpoint as ckpt
-    from .config import to_dict
-    from .trainer import write_config
+    from .convert import write_model_checkpoint
 
-    out = Path(workdir)
-    ckpt_dir = out / "checkpoints"
-    if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
-        raise ConfigError(f"{ckpt_dir} already holds checkpoints; choose an empty WORKDIR")
-    out.mkdir(parents=True, exist_ok=True)
-    _, params = nnx.split(model)
-    mngr = ckpt.manager(ckpt_dir, cfg.checkpoint)
-    ckpt.save(mngr, 0, {"params": params}, {}, to_dict(cfg), force=True)
-    mngr.wait_until_finished()
-    mngr.close()
-    write_config(out, cfg)
-    return ckpt_dir
+    return write_model_checkpoint(model, cfg, workdir)
 
 
 def load_dense(ckpt: str | None = None, hf: str | None = None):

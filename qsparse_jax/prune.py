@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import sys
 from pathlib import Path
 
@@ -89,12 +88,10 @@ def prune(method: str, out: str, *, ckpt: str | None = None, hf: str | None = No
           config: str | None = None, seq_len: int | None = None, overrides: list[str] = (),
           progress: bool = True) -> dict:
     """Prune and write the checkpoint (see the module docstring); returns a summary dict."""
-    from flax import nnx
-
     from . import checkpoint as ckpt_mod
-    from .config import Config, from_dict, to_dict
+    from .config import Config, from_dict
+    from .convert import empty_checkpoints_dir, write_model_checkpoint
     from .inference import load
-    from .trainer import write_config
     from .weight_sparsity import METHODS, prune_model
 
     if method not in METHODS:
@@ -109,9 +106,7 @@ def prune(method: str, out: str, *, ckpt: str | None = None, hf: str | None = No
         if not ok:
             raise ConfigError(msg)
     out_dir = Path(out)
-    ckpt_dir = out_dir / "checkpoints"
-    if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
-        raise ConfigError(f"{ckpt_dir} already holds checkpoints; choose an empty --out")
+    empty_checkpoints_dir(out_dir, "--out")  # before the (long) calibration
     saved = None
     if ckpt is not None:
         saved = from_dict(Config, ckpt_mod.read_config(ckpt)[0]) if Path(ckpt).is_dir() else None
@@ -139,17 +134,8 @@ def prune(method: str, out: str, *, ckpt: str | None = None, hf: str | None = No
     if eval_batches:
         summary["val_loss_after"] = validation_loss(model, data, eval_batches)
     cfg = dataclasses.replace(saved, model=mcfg, data=data) if saved is not None else Config(model=mcfg, data=data)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if hf is not None and (Path(hf) / "tokenizer.json").is_file() and data.tokenizer.endswith("tokenizer.json"):
-        shutil.copy(Path(hf) / "tokenizer.json", out_dir / "tokenizer.json")
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(data, tokenizer=str((out_dir / "tokenizer.json").absolute())))
-    _, params = nnx.split(model)
-    mngr = ckpt_mod.manager(ckpt_dir, cfg.checkpoint)
-    ckpt_mod.save(mngr, 0, {"params": params}, {}, to_dict(cfg), force=True)
-    mngr.wait_until_finished()
-    mngr.close()
-    write_config(out_dir, cfg)
-    summary["out"] = str(ckpt_dir)
+    tokenizer_from = hf if hf is not None and data.tokenizer.endswith("tokenizer.json") else None
+    summary["out"] = str(write_model_checkpoint(model, cfg, out_dir, tokenizer_from=tokenizer_from, what="--out"))
     return summary
 
 
