@@ -313,6 +313,11 @@ class Attention(nnx.Module):
         return out if cache is None else (out, cache)
 
 
+def glu_activation(g: jax.Array, activation: str) -> jax.Array:
+    """ReLU² (Q-Sparse Eq. 11) or SiLU of the gate projection."""
+    return jnp.square(jax.nn.relu(g)) if activation == "relu2" else jax.nn.silu(g)
+
+
 class FeedForward(nnx.Module):
     """GLU feed-forward: ``down(up(x) ⊙ act(gate(x)))`` with act = ReLU² (Eq. 11) or SiLU."""
 
@@ -324,18 +329,25 @@ class FeedForward(nnx.Module):
         self.w_down = lin(cfg.hidden_dim, cfg.dim, cfg.keep("down"), ("mlp", "embed"))
         self.subln = RMSNorm(cfg.hidden_dim, cfg.norm_eps, param_dtype=_dtype(cfg.param_dtype)) if cfg.subln else None
 
-    def __call__(self, x, stats: dict | None):
+    def hidden(self, x) -> tuple[jax.Array, jax.Array]:
+        """(the gate/up input after ``sparsify``, the hidden ``up(x) ⊙ act(gate(x))``)."""
         xs = self.w_gate.sparsify(x)
-        g = self.w_gate.project(xs)
-        g = jnp.square(jax.nn.relu(g)) if self.activation == "relu2" else jax.nn.silu(g)
-        h = constrain(self.w_up.project(xs) * constrain(g, ("batch", "length", "act_mlp")), ("batch", "length", "act_mlp"))
+        g = constrain(glu_activation(self.w_gate.project(xs), self.activation), ("batch", "length", "act_mlp"))
+        return xs, constrain(self.w_up.project(xs) * g, ("batch", "length", "act_mlp"))
+
+    def output(self, xs, h, stats: dict | None):
+        """``down(h)`` (after SubLN and top-K: top-K after the activation, SiLU models too); with ``stats``
+        adds the zero counts at the gate/up and down inputs."""
         if self.subln is not None:
             h = self.subln(h)
-        hs = self.w_down.sparsify(h)  # top-K after the activation (SiLU models too)
+        hs = self.w_down.sparsify(h)
         if stats is not None:
             stats["gate_up"] = stats.get("gate_up", 0.0) + self.w_gate.zeros(xs)
             stats["down"] = stats.get("down", 0.0) + self.w_down.zeros(hs)
         return constrain(self.w_down.project(hs), ("batch", "length", "act_embed"))
+
+    def __call__(self, x, stats: dict | None):
+        return self.output(*self.hidden(x), stats)
 
 
 class Block(nnx.Module):

@@ -90,7 +90,7 @@ import numpy as np
 from flax import nnx
 
 from .config import ConfigError, LTEConfig, ModelConfig
-from .layers import RMSNorm, SparseLinear, _dtype
+from .layers import FeedForward, _dtype, glu_activation
 from .sharding import constrain
 
 HIST_BINS = 20  # router-score histogram: bins of width 0.05 over [0, 1]
@@ -196,11 +196,7 @@ def layer_ffn_params(pure: dict, scan_layers: bool, n_layers: int) -> list[dict]
 
 # --- the module -------------------------------------------------------------------------------------
 
-def _act(g, activation):
-    return jnp.square(jax.nn.relu(g)) if activation == "relu2" else jax.nn.silu(g)
-
-
-class LTEFeedForward(nnx.Module):
+class LTEFeedForward(FeedForward):
     """The GLU FFN (``FeedForward``'s parameters, same names) with experts and a sigmoid router.
 
     ``__call__(x, stats)`` → output; with ``stats`` (a dict) it adds, summed over tokens: ``gate_up`` /
@@ -214,12 +210,7 @@ class LTEFeedForward(nnx.Module):
         lte = cfg.lte
         if cfg.hidden_dim % lte.expert_size:
             raise ConfigError(f"model.lte.expert_size={lte.expert_size} must divide model.hidden_dim={cfg.hidden_dim}")
-        self.activation = cfg.activation
-        lin = lambda i, o, keep, axes: SparseLinear(i, o, keep=keep, cfg=cfg, axes=axes, rngs=rngs)
-        self.w_gate = lin(cfg.dim, cfg.hidden_dim, cfg.keep("gate_up"), ("embed", "mlp"))
-        self.w_up = lin(cfg.dim, cfg.hidden_dim, cfg.keep("gate_up"), ("embed", "mlp"))
-        self.w_down = lin(cfg.hidden_dim, cfg.dim, cfg.keep("down"), ("mlp", "embed"))
-        self.subln = RMSNorm(cfg.hidden_dim, cfg.norm_eps, param_dtype=_dtype(cfg.param_dtype)) if cfg.subln else None
+        super().__init__(cfg, rngs=rngs)
         self.n_experts = cfg.hidden_dim // lte.expert_size
         self.expert_size = lte.expert_size
         self.mode, self.stage, self.tau, self.top_k = lte.mode, lte.stage, float(lte.tau), lte.top_k
@@ -248,8 +239,7 @@ class LTEFeedForward(nnx.Module):
 
     def expert_hidden(self, x: jax.Array) -> jax.Array:
         """Ungated ``up(x) ⊙ act(gate(x))`` [..., hidden] (every expert)."""
-        xs = self.w_gate.sparsify(x)
-        return self.w_up.project(xs) * _act(self.w_gate.project(xs), self.activation)
+        return self.hidden(x)[1]
 
     def __call__(self, x, stats: dict | None):
         s = self.scores(x)
@@ -260,19 +250,11 @@ class LTEFeedForward(nnx.Module):
             weight = s  # soft: Σ G_i E_i(x)
         else:
             weight = jax.lax.stop_gradient(sel.astype(jnp.float32))
-        xs = self.w_gate.sparsify(x)
-        g = constrain(_act(self.w_gate.project(xs), self.activation), ("batch", "length", "act_mlp"))
-        h = self.w_up.project(xs) * g
-        h = self._gate(h, weight)
-        h = constrain(h, ("batch", "length", "act_mlp"))
-        if self.subln is not None:
-            h = self.subln(h)
-        hs = self.w_down.sparsify(h)
+        xs, h = self.hidden(x)
+        out = self.output(xs, constrain(self._gate(h, weight), ("batch", "length", "act_mlp")), stats)
         if stats is not None:
-            stats["gate_up"] = stats.get("gate_up", 0.0) + self.w_gate.zeros(xs)
-            stats["down"] = stats.get("down", 0.0) + self.w_down.zeros(hs)
             self._stats(stats, s, sel)
-        return constrain(self.w_down.project(hs), ("batch", "length", "act_embed"))
+        return out
 
     def _gate(self, h, weight):
         lead = h.shape[:-1]
@@ -310,7 +292,7 @@ class LTEFeedForward(nnx.Module):
         def body(i, carry):
             acc, ss, zeros = carry
             e = order[i]
-            h = (xs @ wgu[1, e]) * _act(xs @ wgu[0, e], self.activation)  # [T, s]
+            h = (xs @ wgu[1, e]) * glu_activation(xs @ wgu[0, e], self.activation)  # [T, s]
             h = h * selt[:, e][:, None].astype(h.dtype)
             if stats is not None:  # decode asks for no stats: no extra reduction per expert
                 zeros = zeros + jnp.sum(h == 0, dtype=jnp.float32)
