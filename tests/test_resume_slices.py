@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from test_train import ROOT, SMALL, corpus, losses, run, run_on_8_devices  # noqa: F401 - corpus is a fixture
+from test_train import ROOT, SMALL, losses, run, run_on_8_devices  # the corpus fixture is conftest's
 
 FAKE_SRUN = """#!/usr/bin/env bash
 # stand-in for srun: start $SLURM_NTASKS tasks of the command here, one per "node"
