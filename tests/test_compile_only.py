@@ -81,8 +81,9 @@ def test_a_config_too_large_for_the_chip_exits_1_with_the_shortfall(tmp_path):
 
 
 @needs_libtpu
-# dense and block compile the same graph less or differently sparsified (README table); CI keeps the two extremes
-@pytest.mark.parametrize("config", ["7b-qsparse", "7b-bitnet-qsparse"])
+# dense, block and bitnet compile the same graph differently sparsified or quantized (README table, all four
+# measured); CI compiles the Q-Sparse one
+@pytest.mark.parametrize("config", ["7b-qsparse"])
 def test_7b_configs_fit_a_v5p_128_at_their_own_batch_size(config):
     from qsparse_jax.compile_only import report
 
