@@ -11,10 +11,10 @@ from . import _quiet_tpu
 _quiet_tpu.apply()  # libtpu installed, no TPU chip: JAX skips the TPU runtime (and its page of warnings)
 
 __version__ = "0.1.0"
-_EXPORTS = {"ConfigError": "errors", "ModelConfig": "config", "SparsityConfig": "config", "Transformer": "model",
-            "activated_params": "model", "cross_entropy": "model", "functional": "model",
-            "measure_sparsity": "model", "quantize_activations": "quant", "quantize_weights": "quant",
-            "keep_count": "sparsity", "topk_mask": "sparsity", "topk_sparsify": "sparsity"}
+_EXPORTS = {"ConfigError": "errors", "ModelConfig": "config", "SparsityConfig": "config", "Transformer": "nn.model",
+            "activated_params": "nn.model", "cross_entropy": "nn.model", "functional": "nn.model",
+            "measure_sparsity": "nn.model", "quantize_activations": "ops.quant", "quantize_weights": "ops.quant",
+            "keep_count": "ops.topk", "topk_mask": "ops.topk", "topk_sparsify": "ops.topk"}
 __all__ = list(_EXPORTS)
 
 

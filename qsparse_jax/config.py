@@ -1,7 +1,4 @@
-"""Typed, self-validating configuration dataclasses.
-
-Every check raises :class:`ConfigError` with one line saying what was wrong and what is allowed.
-"""
+"""TODO docstring (config)."""
 
 from __future__ import annotations
 
@@ -9,13 +6,21 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
-from .quant import WEIGHT_BITS
-from .sparsity import GRADS, RESCALES, keep_count
+from .ops.quant import WEIGHT_BITS
+from .ops.topk import GRADS, RESCALES, keep_count
 
 ACTIVATIONS = ("relu2", "silu")
+
+
 KERNELS = ("off", "on", "xla", "pallas", "interpret")  # on: Pallas on GPU/TPU, XLA int8 path on CPU
+
+
 DTYPES = ("float32", "bfloat16")
+
+
 ATTENTION = ("auto", "xla", "chunked", "cudnn", "flash")  # attention.IMPLS
+
+
 PROJECTION_GROUPS = ("qkv", "out", "gate_up", "down")
 
 
@@ -97,7 +102,11 @@ class WeightSparsityConfig:
 
 
 LTE_MODES = ("lte", "moefication")
+
+
 LTE_EFFICIENCY = ("mean", "mean_square")
+
+
 LTE_EXECUTION = ("masked", "gather")
 
 
@@ -296,8 +305,6 @@ class ModelConfig:
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
 
-
-# --- the training config tree ---------------------------------------------------------------------
 
 SCHEDULES = ("cosine", "polynomial", "constant", "two_stage")
 
@@ -584,3 +591,4 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+

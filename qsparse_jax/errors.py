@@ -1,6 +1,6 @@
-"""User-facing errors: each message is one line saying what was wrong and what is allowed.
+"""TODO docstring (errors)."""
 
-Kept free of JAX imports so that tools which never touch a device (``prepare``) start fast."""
+from __future__ import annotations
 
 
 class ConfigError(ValueError):
@@ -9,3 +9,4 @@ class ConfigError(ValueError):
 
 class DataError(ConfigError):
     """A data source is missing, empty or unreadable (one line)."""
+

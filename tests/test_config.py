@@ -5,8 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qsparse_jax.config import Config, ConfigError, OptimConfig, load_config
-from qsparse_jax.trainer import lr_schedule
+from qsparse_jax.config import Config, OptimConfig, load_config
+from qsparse_jax.errors import ConfigError
+from qsparse_jax.train.optim import lr_schedule
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -71,13 +72,13 @@ def test_two_stage_schedule_switches_peak_and_weight_decay():
     assert float(f(0)) == 0.0 and np.isclose(float(f(10)), 1.8e-3)
     assert float(f(49)) < 1.8e-3 and np.isclose(float(f(50)), 1.5e-3)
     assert np.isclose(float(f(100)), 1.5e-4, rtol=1e-3)
-    from qsparse_jax.trainer import wd_schedule
+    from qsparse_jax.train.optim import wd_schedule
     wd = wd_schedule(o, 100)
     assert np.isclose(float(wd(49)), 0.1) and float(wd(50)) == 0.0
 
 
 def test_mistral_continued_training_config_reproduces_the_papers_activated_parameters():
-    from qsparse_jax.model import activated_params
+    from qsparse_jax.nn.model import activated_params
 
     cfg = load_config("configs/mistral-7b-continued-qsparse.yaml")
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.clip_norm, cfg.optim.warmup_steps) == (5e-5, 0.01, 2.0, 375)
@@ -89,7 +90,7 @@ def test_mistral_continued_training_config_reproduces_the_papers_activated_param
 
 
 def test_openorca_fine_tuning_config_is_one_epoch_cosine_with_3_percent_warmup():
-    from qsparse_jax.trainer import lr_schedule
+    from qsparse_jax.train.optim import lr_schedule
 
     cfg = load_config("configs/mistral-7b-openorca-qsparse.yaml")
     assert cfg.data.task == "sft" and cfg.train.epochs == 1 and cfg.optim.schedule == "cosine"
@@ -112,7 +113,7 @@ def test_resume_accepts_checkpoints_saved_before_new_model_keys_and_rejects_othe
     import dataclasses
 
     from qsparse_jax.config import ModelConfig
-    from qsparse_jax.trainer import _same_model
+    from qsparse_jax.train.loop import _same_model
 
     m = ModelConfig(act_bits=8, weight_bits="1.58")
     old = dataclasses.asdict(m)

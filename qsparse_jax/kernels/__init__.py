@@ -5,7 +5,14 @@
 """
 
 from .api import DECODE_MAX_TOKENS, IMPLS, qsparse_matmul
-from .packing import BITS, PackedTernary, dequantize, pack_levels, pack_ternary, unpack_levels
+from .packing import (
+           BITS,
+           PackedTernary,
+           dequantize,
+           pack_levels,
+           pack_ternary,
+           unpack_levels,
+)
 
 __all__ = ["BITS", "DECODE_MAX_TOKENS", "IMPLS", "PackedTernary", "dequantize", "pack_levels", "pack_ternary",
            "qsparse_matmul", "unpack_levels"]

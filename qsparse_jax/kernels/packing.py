@@ -23,7 +23,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from ..quant import ternary_weights
+from ..ops.quant import ternary_weights
 
 BITS = (2, 1.6)
 _PER_BYTE = {2: 4, 1.6: 5}

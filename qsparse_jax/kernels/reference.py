@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ..quant import activation_int8
-from ..sparsity import topk_sparsify
+from ..ops.quant import activation_int8
+from ..ops.topk import topk_sparsify
 from .packing import PackedTernary, unpack_levels, unpack_planes
 
 F32_EXACT_MAX_D = 1 << 17  # 128 · D < 2^24: float32 sums of the int8 × ternary products are exact

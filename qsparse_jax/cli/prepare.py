@@ -1,0 +1,53 @@
+"""TODO docstring (prepare)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..data.prepare import PrepareArgs, merge, prepare
+from ..errors import DataError
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m qsparse_jax.prepare",
+                                description="Tokenize a corpus once into memory-mapped token shards for training.")
+    p.add_argument("--source", nargs="+", default=[], metavar="SRC",
+                   help="stdlib, or files / directories of .txt .md .py .rst, .jsonl[.gz|.zst], .parquet, .arrayrecord")
+    p.add_argument("--tokenizer", default="byte", help="byte (default) or a path to a HF tokenizer.json")
+    p.add_argument("--out", required=True, help="output directory (data.source=OUT for training)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="tokenizer processes (default: 1 for bytes, where encoding is a copy; else one per core)")
+    p.add_argument("--shard_index", type=int, default=0, help="this part's index, for --num_shards parallel parts")
+    p.add_argument("--num_shards", type=int, default=1, help="number of parts the input is split into")
+    p.add_argument("--val_fraction", type=float, default=0.02, help="fraction of documents held out (hash of name)")
+    p.add_argument("--text_field", default="text", help="the text field of JSONL / Parquet / ArrayRecord records")
+    p.add_argument("--shard_tokens", type=int, default=1 << 26, help="tokens per shard file (default 64 Mi)")
+    p.add_argument("--chunk_mb", type=float, default=256.0, help="input MB per unit of work (and of --num_shards split)")
+    p.add_argument("--merge", action="store_true", help="only write manifest.json from the finished parts in --out")
+    args = p.parse_args(argv)
+    try:
+        if args.merge:
+            out = Path(args.out)
+            if not (out / "prepare.json").exists():
+                raise DataError(f"--merge: {out} holds no prepare.json (not a prepare output directory)")
+            if merge(out) is None:
+                done = len(list((out / "chunks").glob("c*.json")))
+                n = json.loads((out / "prepare.json").read_text())["chunks"]
+                raise DataError(f"--merge: {out} has {done} of {n} chunks; finish every part first")
+            print(f"prepare: wrote {out / 'manifest.json'}")
+            return 0
+        workers = args.workers if args.workers is not None else 1 if args.tokenizer == "byte" else os.cpu_count() or 1
+        prepare(PrepareArgs(args.source, args.tokenizer, args.out, workers, args.shard_index, args.num_shards,
+                            args.val_fraction, args.text_field, args.shard_tokens, args.chunk_mb))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nprepare: interrupted; re-run the same command to continue (finished chunks are kept)", file=sys.stderr)
+        return 130
+    return 0
+

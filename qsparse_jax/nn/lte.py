@@ -1,0 +1,238 @@
+"""TODO docstring (lte)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ..config import ModelConfig
+from ..errors import ConfigError
+from ..ops.experts import HIST_BINS, efficiency_loss, score_histogram, separability_loss
+from .layers import FeedForward, _dtype, glu_activation
+from .sharding import constrain
+
+
+class LTEFeedForward(FeedForward):
+    """The GLU FFN (``FeedForward``'s parameters, same names) with experts and a sigmoid router.
+
+    ``__call__(x, stats)`` → output; with ``stats`` (a dict) it adds, summed over tokens: ``gate_up`` /
+    ``down`` zero counts (as ``FeedForward``), ``lte_eff`` (Σ per-token efficiency loss), ``lte_sep``
+    (Σ per-token separability loss), ``lte_active`` (selected experts: ``G > τ`` / top-k), ``lte_tokens``,
+    ``lte_hist_00`` … ``lte_hist_19`` (score histogram, width 0.05) and, with ``execution: gather``,
+    ``lte_union`` (experts read for the batch). Keys are per-layer scalars: a model sums them over layers.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        lte = cfg.lte
+        if cfg.hidden_dim % lte.expert_size:
+            raise ConfigError(f"model.lte.expert_size={lte.expert_size} must divide model.hidden_dim={cfg.hidden_dim}")
+        super().__init__(cfg, rngs=rngs)
+        self.n_experts = cfg.hidden_dim // lte.expert_size
+        self.expert_size = lte.expert_size
+        self.mode, self.stage, self.tau, self.top_k = lte.mode, lte.stage, float(lte.tau), lte.top_k
+        self.efficiency, self.sep_eps, self.execution = lte.efficiency, float(lte.sep_eps), lte.execution
+        self.norm_eps = cfg.norm_eps
+        self.expert_major = None  # ExpertMajor weights for execution=gather (with_execution)
+        if self.top_k is not None and self.top_k > self.n_experts:
+            raise ConfigError(f"model.lte.top_k={self.top_k} exceeds the {self.n_experts} experts")
+        if lte.execution == "gather":
+            _require_gather(cfg)
+        r = cfg.init_std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, (cfg.dim, self.n_experts),
+                                                       _dtype(cfg.param_dtype))
+        self.router = nnx.Param(r, logical_axes=("embed", None))
+
+    # scores and selection
+    def scores(self, x: jax.Array) -> jax.Array:
+        """``σ(x · W_r)`` [..., E], float32."""
+        return jax.nn.sigmoid(jnp.einsum("...d,de->...e", x.astype(jnp.float32), self.router[...].astype(jnp.float32)))
+
+    def select(self, scores: jax.Array) -> jax.Array:
+        """The experts that run (bool [..., E]): ``G > τ`` (LTE) or the ``top_k`` best scores (MoEfication)."""
+        if self.mode == "moefication":
+            _, idx = jax.lax.top_k(scores, self.top_k)
+            return jnp.sum(jax.nn.one_hot(idx, self.n_experts, dtype=jnp.int32), axis=-2) > 0
+        return scores > self.tau
+
+    def expert_hidden(self, x: jax.Array) -> jax.Array:
+        """Ungated ``up(x) ⊙ act(gate(x))`` [..., hidden] (every expert)."""
+        return self.hidden(x)[1]
+
+    def __call__(self, x, stats: dict | None):
+        s = self.scores(x)
+        sel = self.select(s)
+        if self.execution == "gather":
+            return self._gather(x, s, sel, stats)
+        if self.mode == "lte" and self.stage == 1:
+            weight = s  # soft: Σ G_i E_i(x)
+        else:
+            weight = jax.lax.stop_gradient(sel.astype(jnp.float32))
+        xs, h = self.hidden(x)
+        out = self.output(xs, constrain(self._gate(h, weight), ("batch", "length", "act_mlp")), stats)
+        if stats is not None:
+            self._stats(stats, s, sel)
+        return out
+
+    def _gate(self, h, weight):
+        lead = h.shape[:-1]
+        h = h.reshape(*lead, self.n_experts, self.expert_size) * weight[..., None].astype(h.dtype)
+        return h.reshape(*lead, self.n_experts * self.expert_size)
+
+    def _stats(self, stats, s, sel):
+        add = lambda k, v: stats.__setitem__(k, stats.get(k, 0.0) + v)
+        add("lte_eff", jnp.sum(efficiency_loss(s, self.efficiency)))
+        add("lte_sep", jnp.sum(separability_loss(s, self.tau, self.sep_eps)))
+        add("lte_active", jnp.sum(sel, dtype=jnp.float32))
+        add("lte_tokens", jnp.asarray(math.prod(s.shape[:-1]), jnp.float32))
+        counts = score_histogram(s)
+        for i in range(HIST_BINS):
+            add(f"lte_hist_{i:02d}", counts[i])
+
+    def _gather(self, x, s, sel, stats):
+        """Only the experts some token selected (choice 8): a loop over the union's experts, each reading
+        its contiguous expert-major gate and up blocks [d, s] and down block [s, d_out]; every token keeps
+        only its own experts. The loop runs ``n_union`` times (a dynamic trip count)."""
+        lead, d = x.shape[:-1], x.shape[-1]
+        E, es = self.n_experts, self.expert_size
+        xt = x.reshape(-1, d)
+        selt = sel.reshape(-1, E)
+        n_tok = xt.shape[0]
+        union = jnp.any(selt, axis=0)
+        n_union = jnp.sum(union, dtype=jnp.int32)
+        order = jnp.argsort(jnp.logical_not(union), stable=True).astype(jnp.int32)  # the union's experts first
+        xs = self.w_gate.sparsify(xt)
+        wgu = self.expert_major.get_value() if self.expert_major is not None else expert_major_weights(self)
+        wd = self.w_down.effective_weight().reshape(E, es, -1)
+        nw = None if self.subln is None else self.subln.weight[...].reshape(E, es).astype(jnp.float32)
+        dt = self.w_down.dtype
+
+        def body(i, carry):
+            acc, ss, zeros = carry
+            e = order[i]
+            h = (xs @ wgu[1, e]) * glu_activation(xs @ wgu[0, e], self.activation)  # [T, s]
+            h = h * selt[:, e][:, None].astype(h.dtype)
+            if stats is not None:  # decode asks for no stats: no extra reduction per expert
+                zeros = zeros + jnp.sum(h == 0, dtype=jnp.float32)
+            if nw is not None:  # SubLN: RMS over the whole hidden vector (skipped neurons are zeros)
+                ss = ss + jnp.sum(jnp.square(h.astype(jnp.float32)), axis=-1)
+                h = (h.astype(jnp.float32) * nw[e]).astype(h.dtype)
+            return acc + (h.astype(dt) @ wd[e]).astype(jnp.float32), ss, zeros
+
+        init = (jnp.zeros((n_tok, wd.shape[-1]), jnp.float32), jnp.zeros((n_tok,), jnp.float32), jnp.zeros((), jnp.float32))
+        out, ss, zeros = jax.lax.fori_loop(0, n_union, body, init)
+        if nw is not None:
+            out = out * jax.lax.rsqrt(ss / (E * es) + self.norm_eps)[:, None]
+        if stats is not None:
+            stats["gate_up"] = stats.get("gate_up", 0.0) + self.w_gate.zeros(xs)
+            stats["down"] = stats.get("down", 0.0) + zeros + ((E - n_union) * es * n_tok).astype(jnp.float32)
+            stats["lte_union"] = stats.get("lte_union", 0.0) + n_union.astype(jnp.float32)
+            self._stats(stats, s, sel)
+        return out.reshape(*lead, -1).astype(dt)
+
+
+class ExpertMajor(nnx.Variable):
+    """Inference-only copy of an LTE FFN's gate/up weights, expert-major ``[2, E, dim, s]`` (gate, up):
+    each expert's block is contiguous, so decoding reads only the selected experts' bytes
+    (:func:`with_execution` makes it; not a trainable ``Param``)."""
+
+
+def expert_major_weights(ffn) -> jax.Array:
+    """``[2, E, dim, s]``: each expert's gate and up columns, contiguous (effective, i.e. quantized, weights)."""
+    d = ffn.w_gate.weight.shape[-2]
+    E, es = ffn.n_experts, ffn.expert_size
+    g = ffn.w_gate.effective_weight().reshape(d, E, es)
+    u = ffn.w_up.effective_weight().reshape(d, E, es)
+    return jnp.stack([g, u]).transpose(0, 2, 1, 3)
+
+
+def _require_gather(cfg: ModelConfig):
+    ok = (cfg.kernels == "off" and not cfg.input_norm and cfg.act_bits is None and cfg.keep("down") is None
+          and not cfg.weight_sparsity.slorb)
+    if not ok:
+        raise ConfigError("model.lte.execution=gather needs kernels off, input_norm off, act_bits null, no top-K at the "
+                          "down input (sparsity.down 0) and no SLoRB (they see the whole hidden vector); use "
+                          "execution=masked")
+
+
+def ffn_flops_per_token(cfg: ModelConfig, active_experts: float | None = None, sparsity: dict | None = None) -> float:
+    """Forward FFN FLOPs per token, all layers (``2·`` multiply-adds). Dense: ``6·dim·hidden·L``. With
+    ``active_experts`` (mean selected experts per token per layer): that fraction of gate/up/down plus the
+    router (``2·dim·E``). With Q-Sparse ``sparsity`` ({gate_up, down}): kept inputs only."""
+    d, h, L = cfg.dim, cfg.hidden_dim, cfg.n_layers
+    if active_experts is not None:
+        E = h // cfg.lte.expert_size
+        return L * (6 * d * active_experts * cfg.lte.expert_size + 2 * d * E)
+    if sparsity is not None:
+        return L * (4 * d * h * (1 - sparsity.get("gate_up", 0.0)) + 2 * h * d * (1 - sparsity.get("down", 0.0)))
+    return 6.0 * d * h * L
+
+
+def lte_summary(cfg: ModelConfig, stats: dict) -> tuple[dict, dict]:
+    """(summary, histogram) from ``stats`` (the model's ``return_stats`` dict, summed over layers): FFN
+    sparsity, active experts, FLOPs/token, mean losses; the router-score histogram as fractions per bin.
+    The per-layer vector ``stats["by_layer"]["lte_active"]`` [L] also gives ``ffn_sparsity_layer{l}``."""
+    E = cfg.hidden_dim // cfg.lte.expert_size
+    L = cfg.n_layers
+    active = np.asarray(stats.get("by_layer", stats)["lte_active"], np.float64)
+    tok = np.asarray(stats["lte_tokens"], np.float64)
+    tok_per_layer = float(np.sum(tok)) / L  # tokens seen by one layer
+    mean_active = float(np.sum(active)) / (tok_per_layer * L)
+    out = {"ffn_sparsity": 1.0 - mean_active / E, "active_experts": mean_active,
+           "ffn_flops_per_token": ffn_flops_per_token(cfg, mean_active), "dense_ffn_flops_per_token":
+           ffn_flops_per_token(cfg), "efficiency_loss": float(np.sum(stats["lte_eff"])) / (tok_per_layer * L),
+           "separability_loss": float(np.sum(stats["lte_sep"])) / (tok_per_layer * L)}
+    if active.ndim == 1 and active.size == L:
+        for l in range(L):
+            out[f"ffn_sparsity_layer{l}"] = 1.0 - float(active[l]) / (tok_per_layer * E)
+    if "lte_union" in stats:
+        out["union_experts"] = float(np.sum(stats["lte_union"])) / L
+    hist = np.array([float(np.sum(stats[f"lte_hist_{i:02d}"])) for i in range(HIST_BINS)])
+    hist = hist / max(hist.sum(), 1.0)
+    tau = cfg.lte.tau
+    out["scores_within_0.05_of_tau"] = float(sum(hist[i] for i in range(HIST_BINS)
+                                                 if abs((i + 0.5) / HIST_BINS - tau) < 0.05 + 1e-9))
+    return out, {f"{i / HIST_BINS:.2f}": float(hist[i]) for i in range(HIST_BINS)}
+
+
+def _blocks(model):
+    if model.config.scan_layers:
+        graphdef, state = nnx.split(model.layers)
+        return [nnx.merge(graphdef, jax.tree.map(lambda a: a[l], state)) for l in range(model.config.n_layers)]
+    return list(model.layers)
+
+
+def walk(model, tokens, *, dense: bool = False):
+    """Per layer, the FFN input ``x`` (after ``mlp_norm``), and the layer's stats (``stats`` dict of the
+    layer alone). ``dense``: every FFN runs all its neurons (the dense model, for MoEfication labels)."""
+    x = jnp.take(model.embed[...], tokens, axis=0).astype(_dtype(model.config.dtype))
+    out = []
+    for block in _blocks(model):
+        x = x + block.attn(block.attn_norm(x), None, None, None)
+        xin = block.mlp_norm(x)
+        st: dict = {}
+        if dense:
+            h = block.mlp.expert_hidden(xin) if isinstance(block.mlp, LTEFeedForward) else None
+            if h is None:
+                y = block.mlp(xin, st)
+            else:
+                if block.mlp.subln is not None:
+                    h = block.mlp.subln(h)
+                y = block.mlp.w_down(h)
+        else:
+            y = block.mlp(xin, st)
+        out.append((xin, st))
+        x = x + y
+    return out
+
+
+def _copy_into(dst: dict, src: dict, skip: tuple = ()):
+    for k, v in src.items():
+        if k in skip:
+            continue
+        if isinstance(v, dict):
+            _copy_into(dst[k], v, skip)
+        else:
+            dst[k] = v

@@ -1,0 +1,114 @@
+"""TODO docstring (sharding)."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ..config import MeshConfig
+from ..errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+# logical axis -> mesh axes it is split over, in order. Parameters use embed / vocab / heads / kv / mlp;
+# activations use batch / length and the act_* names: the batch is split over every data-parallel axis
+# and the model dimension of activations is never split (FSDP gathers weights, not activations)
+LOGICAL_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "embed": ("fsdp",),
+    "vocab": ("tensor",),
+    "heads": ("tensor",),
+    "kv": ("tensor",),
+    "mlp": ("tensor",),
+    "length": (),
+    "act_embed": (),
+    "act_heads": ("tensor",),
+    "act_kv": ("tensor",),
+    "act_mlp": ("tensor",),
+    "act_vocab": ("tensor",),
+}
+
+
+_ACTIVATION_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh):
+    """While tracing inside this context, ``constrain`` pins activations to ``mesh`` by logical name."""
+    token = _ACTIVATION_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def active_mesh() -> Mesh | None:
+    """The mesh of the enclosing ``activation_sharding`` (None outside one)."""
+    return _ACTIVATION_MESH.get()
+
+
+def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
+    """``with_sharding_constraint`` of an activation by the logical names of its dimensions (MaxText's
+    logical constraints), when traced under ``activation_sharding``; otherwise ``x`` unchanged, so
+    layers stay usable outside any mesh."""
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical_axes, x.shape, mesh)))
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+    """Mesh with axes (data, fsdp, tensor); a size of -1 takes the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    fixed = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % fixed:
+            raise ConfigError(f"mesh sizes {tuple(sizes)} do not divide the {len(devices)} devices")
+        sizes[sizes.index(-1)] = len(devices) // fixed
+    if math.prod(sizes) != len(devices):
+        raise ConfigError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} devices, "
+                          f"but {len(devices)} are available")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_to_spec(logical_axes, shape, mesh: Mesh) -> P:
+    """PartitionSpec for an array whose dimensions carry these logical names."""
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(logical_axes, shape):
+        axes = tuple(a for a in LOGICAL_RULES.get(name, ()) if a not in used and mesh.shape[a] > 1)
+        if axes and dim % math.prod(mesh.shape[a] for a in axes) == 0:
+            used.update(axes)
+            spec.append(axes[0] if len(axes) == 1 else axes)
+        else:
+            spec.append(None)
+    return P(*spec)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh):
+    """NamedSharding for every variable of an (abstract) ``nnx.State``, from its logical axes."""
+
+    def one(v):
+        axes = v.get_metadata().get("logical_axes") if isinstance(v, nnx.Variable) else None
+        shape = v.shape if isinstance(v, nnx.Variable) else np.shape(v)
+        if axes and len(shape) == len(axes) + 1:  # scan_layers: a leading layer axis, never sharded
+            axes = ("layers", *axes)
+        spec = logical_to_spec(axes, shape, mesh) if axes else P()
+        return v.replace(NamedSharding(mesh, spec)) if isinstance(v, nnx.Variable) else NamedSharding(mesh, spec)
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches split over every data-parallel axis (data and fsdp)."""
+    return NamedSharding(mesh, P(LOGICAL_RULES["batch"]))
+

@@ -1,0 +1,92 @@
+"""TODO docstring (methods)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclass
+class Context:
+    """What a loss term sees of one (micro-)batch's forward pass."""
+
+    logits: jax.Array  # [b, s, vocab] float32
+    stats: dict | None  # the model's return_stats dict (``needs_stats``)
+    inputs: jax.Array
+    targets: jax.Array
+    weights: jax.Array | None  # target weights (SFT), None: every target counts
+    kwargs: dict = field(default_factory=dict)  # positions / segment_ids for the model
+    step: jax.Array | None = None
+
+
+class TrainingMethod:
+    """Defaults: no effect. Subclasses override what they need (see the module docstring)."""
+
+    name = "method"
+    needs_stats = False
+    ce_weight = 1.0
+    adds: tuple[str, ...] = ()  # names of the leaves it adds to a model: a checkpoint without it may lack them
+    init_from_hint = ""  # said when an --init_from checkpoint lacks parameters this method needs
+
+    def constants(self, mesh) -> Any:
+        return None
+
+    def abstract_constants(self, mesh) -> Any:
+        """``constants`` as ``jax.ShapeDtypeStruct``s with shardings (``train.py --compile_only``)."""
+        return None
+
+    def loss_terms(self, ctx: Context, consts) -> dict[str, jax.Array]:
+        return {}
+
+    def adjust_grads(self, grads, params, step):
+        return grads
+
+    def frozen(self, trainable) -> Any | None:
+        """A pytree of bools over the trainable ``nnx.Param`` state (True: frozen), or None."""
+        return None
+
+    def refresh(self, params, mstate, step):
+        """(params, method state) after the optimizer update of step ``step`` (0-based)."""
+        return params, mstate
+
+    def init_state(self, params) -> Any:
+        return None
+
+    def state_shardings(self, param_shardings, replicated) -> Any:
+        return None
+
+    def prepare(self, params):
+        return params
+
+    def step_metrics(self, params, mstate) -> dict[str, jax.Array]:
+        """Device-side scalars returned by every step (read at log steps)."""
+        return {}
+
+    def log_metrics(self, params, stats: dict | None, n_tokens: int) -> dict:
+        return {}
+
+
+def key_path(path) -> tuple:
+    """A ``jax.tree_util`` key path of an ``nnx.State`` leaf as plain keys ('layers', 0, 'mlp', ...)."""
+    return tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path if not isinstance(k, jax.tree_util.GetAttrKey))
+
+
+def leaves_by_path(state) -> dict[tuple, jax.Array]:
+    return {key_path(p): v for p, v in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
+def per_layer(values: dict[tuple, jax.Array], n_layers: int, stacked: bool) -> jax.Array:
+    """Sum each leaf's values into its layer: [n_layers]. ``stacked`` (scan_layers): leaves carry a
+    leading layer axis; else the layer index follows 'layers' in the path."""
+    total = jnp.zeros((n_layers,), jnp.float32)
+    for path, v in values.items():
+        v = v.astype(jnp.float32)
+        if stacked:
+            total = total + v.reshape(n_layers, -1).sum(axis=1)
+        else:
+            total = total.at[path[path.index("layers") + 1]].add(jnp.sum(v))
+    return total
+

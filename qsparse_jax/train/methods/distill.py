@@ -1,0 +1,96 @@
+"""TODO docstring (methods)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ...checkpoints import native as ckpt
+from ...checkpoints.hf import config_from_hf, load_pretrained
+from ...checkpoints.native import load_checkpoint_model
+from ...config import Config, from_dict
+from ...errors import ConfigError
+from ...nn.model import Transformer
+from ...nn.sharding import state_shardings
+from .base import TrainingMethod
+
+
+def kd_loss_sum(student_logits, teacher_logits, temperature: float, weights=None) -> jax.Array:
+    """``Σ_tokens w_t · KL(softmax(t/T) ‖ softmax(s/T)) · T²`` (Hinton et al. 2015; AST's recipe, SEEDS §2)."""
+    t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+    s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    kl = jnp.sum(jnp.exp(t) * (t - s), axis=-1) * temperature ** 2
+    return jnp.sum(kl if weights is None else kl * weights)
+
+
+_NOTED: set[str] = set()  # absent teachers already noted (compile-only compiles several variants)
+
+
+class Distillation(TrainingMethod):
+    """``loss = ce_weight·CE + weight·KD`` with a frozen teacher run in the same jitted step; the teacher
+    (a checkpoint or HF directory; any architecture with the student's vocabulary) is read straight into
+    shards of the training mesh by its own logical axes and passed as a step constant."""
+
+    name = "distill"
+
+    def __init__(self, cfg: Config):
+        self.d = cfg.train.distill
+        self.ce_weight = self.d.ce_weight
+        self.vocab = cfg.model.vocab_size
+        self.student = cfg.model
+        self.graphdef = None
+
+    def constants(self, mesh):
+        from pathlib import Path
+
+        path = Path(self.d.teacher)
+        if not path.is_dir():
+            raise ConfigError(f"train.distill.teacher: no such directory {self.d.teacher!r}")
+        if (path / "config.json").is_file():
+
+            model = load_pretrained(path, mesh=mesh)
+            vocab = model.config.vocab_size
+            self.graphdef, params = nnx.split(model)
+        else:
+
+            tcfg, params, self.graphdef = load_checkpoint_model(str(path), mesh)
+            vocab = tcfg.model.vocab_size
+        if vocab != self.vocab:
+            raise ConfigError(f"train.distill.teacher has vocab_size {vocab}, the student {self.vocab}; they must match")
+        return params
+
+    def _teacher_config(self):
+        """The teacher's model config: its checkpoint's or HF config; without the directory (planning a
+        run elsewhere), the student's architecture without its methods (the dense original)."""
+        import json
+        from pathlib import Path
+
+
+        path = Path(self.d.teacher)
+        if (path / "config.json").is_file():
+
+            return config_from_hf(json.loads((path / "config.json").read_text()))
+        if path.is_dir():
+
+            return from_dict(Config, ckpt.read_config(str(path))[0]).model
+        if self.d.teacher not in _NOTED:
+            _NOTED.add(self.d.teacher)
+            print(f"note: train.distill.teacher {self.d.teacher} is not here; compiling with the student's "
+                  "architecture as the dense teacher", flush=True)
+        return self.student.replace(weight_sparsity=type(self.student.weight_sparsity)(),
+                                    **({"lte": type(self.student.lte)()} if hasattr(self.student, "lte") else {}))
+
+    def abstract_constants(self, mesh):
+
+        tcfg = self._teacher_config()
+        self.graphdef, like = nnx.split(nnx.eval_shape(lambda: Transformer(tcfg, rngs=nnx.Rngs(0))))
+        return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), like,
+                            state_shardings(like, mesh))
+
+    def loss_terms(self, ctx, teacher_params):
+        # fresh Variables at this trace level (the teacher's nnx.remat writes state back to them)
+        teacher_model = nnx.merge(self.graphdef, jax.tree.map(lambda x: x, teacher_params))
+        teacher = jax.lax.stop_gradient(teacher_model(ctx.inputs, **ctx.kwargs))
+        return {"kd": self.d.weight * kd_loss_sum(ctx.logits, teacher, self.d.temperature, ctx.weights)}
+

@@ -1,0 +1,190 @@
+"""N:M weight sparsity (AST and its one-shot baselines): masks, scores, SparseGPT, SLoRB, decay, calibration."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from qsparse_jax.ops import nm as ws
+
+
+def reference_mask(scores: np.ndarray, n: int, m: int) -> np.ndarray:
+    """numpy: per output feature and group of m consecutive inputs keep the n largest, ties to the lower index."""
+    *lead, d_in, d_out = scores.shape
+    g = np.moveaxis(scores.reshape(*lead, d_in // m, m, d_out), -2, -1)  # [..., G, out, m]
+    order = np.argsort(-g, axis=-1, kind="stable")[..., :n]
+    keep = np.zeros(g.shape, bool)
+    np.put_along_axis(keep, order, True, axis=-1)
+    return np.moveaxis(keep, -1, -2).reshape(scores.shape)
+
+
+@st.composite
+def weights(draw):
+    """[in, out] or [L, in, out] weights: random floats, heavily tied small integers, or all zeros."""
+    m = draw(st.sampled_from([2, 4, 8]))
+    n = draw(st.integers(0, m))
+    shape = (*draw(st.sampled_from([(), (2,)])), m * draw(st.integers(1, 4)), draw(st.integers(1, 5)))
+    kind = draw(st.sampled_from(["random", "tied", "zeros"]))
+    if kind == "zeros":
+        w = np.zeros(shape, np.float32)
+    elif kind == "tied":
+        w = draw(hnp.arrays(np.float32, shape, elements=st.integers(-2, 2).map(float)))
+    else:
+        w = draw(hnp.arrays(np.float32, shape, elements=st.floats(-10, 10, width=32)))
+    return w, n, m
+
+
+@given(weights())
+def test_exactly_n_of_every_m_kept_for_random_tied_and_zero_weights(case):
+    w, n, m = case
+    mask = np.asarray(ws.nm_mask(jnp.abs(jnp.asarray(w)), n, m))
+    *lead, d_in, d_out = w.shape
+    assert mask.shape == w.shape and mask.dtype == bool
+    assert np.all(mask.reshape(*lead, d_in // m, m, d_out).sum(-2) == n)
+    # the kept ones are the n largest |w| of their group, ties to the lower input index
+    np.testing.assert_array_equal(mask, reference_mask(np.abs(w), n, m))
+
+
+def test_magnitude_keeps_the_two_largest_of_each_group_of_four_along_the_input_axis():
+    w = np.array([[0.1, -5.0], [-3.0, 0.2], [2.0, 0.3], [0.0, 4.0],
+                  [1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0]], np.float32)  # [in=8, out=2]
+    mask = np.asarray(ws.nm_mask(ws.magnitude_score(w)))
+    np.testing.assert_array_equal(mask[:4, 0], [False, True, True, False])
+    np.testing.assert_array_equal(mask[:4, 1], [True, False, False, True])
+    np.testing.assert_array_equal(mask[4:, 0], [True, True, False, False])  # all tied: the first two
+    stacked = np.stack([w, -w[::-1]])  # [L, in, out]: each layer on its own
+    np.testing.assert_array_equal(np.asarray(ws.nm_mask(ws.magnitude_score(stacked)))[0], mask)
+    assert float(ws.group_zero_fraction(mask, 4)) == 0.5
+    assert float(ws.group_zero_fraction(np.where(mask, w, 0), 4)) == 0.5
+
+
+def test_nm_mask_rejects_inputs_not_divisible_by_m_and_is_jittable():
+    with pytest.raises(ValueError, match="multiple of m"):
+        ws.nm_mask(jnp.ones((6, 3)), 2, 4)
+    w = jax.random.normal(jax.random.key(0), (3, 16, 8))
+    np.testing.assert_array_equal(jax.jit(ws.nm_mask)(w), ws.nm_mask(w))
+
+
+def test_wanda_score_is_abs_weight_times_input_feature_norm():
+    rng = np.random.default_rng(0)
+    w, x = rng.normal(size=(8, 3)).astype(np.float32), rng.normal(size=(50, 8)).astype(np.float32)
+    norm = np.linalg.norm(x, axis=0)
+    want = np.array([[abs(w[j, o]) * np.sqrt(np.sum(x[:, j] ** 2)) for o in range(3)] for j in range(8)])
+    np.testing.assert_allclose(np.asarray(ws.wanda_score(w, norm)), want, rtol=1e-6)
+
+
+def test_sparsegpt_reconstructs_better_than_wanda_on_the_same_calibration_data():
+    rng = np.random.default_rng(1)
+    d_in, d_out, tokens = 64, 32, 512
+    x = rng.normal(size=(tokens, d_in)) * rng.uniform(0.1, 3.0, size=d_in)
+    x[:, :16] += 0.8 * x[:, 16:32]  # correlated inputs: what OBS compensation exploits
+    w = rng.normal(size=(d_in, d_out)).astype(np.float32)
+    w_sgpt, mask = ws.sparsegpt_prune(w, x.T @ x, n=2, m=4, blocksize=32)
+    w_wanda = np.where(np.asarray(ws.nm_mask(ws.wanda_score(w, np.linalg.norm(x, axis=0)))), w, 0)
+    assert w_sgpt.dtype == w.dtype and np.array_equal(w_sgpt != 0, mask)
+    assert np.all(mask.reshape(d_in // 4, 4, d_out).sum(1) == 2)
+    err_sgpt, err_wanda = ws.reconstruction_error(w, w_sgpt, x), ws.reconstruction_error(w, w_wanda, x)
+    assert err_sgpt < 0.9 * err_wanda, (err_sgpt, err_wanda)
+
+
+def test_slorb_output_is_the_explicit_formula_and_init_the_group_means():
+    rng = np.random.default_rng(2)
+    d_in, d_out, k = 32, 5, 8
+    w = rng.normal(size=(d_in, d_out)).astype(np.float32)
+    mask = np.asarray(ws.nm_mask(np.abs(w)))
+    S = np.asarray(ws.slorb_init(w, mask, k))
+    assert S.shape == (d_in // k, d_out)
+    for g in range(d_in // k):
+        for o in range(d_out):
+            rows = slice(g * k, (g + 1) * k)
+            np.testing.assert_allclose(S[g, o], np.mean(np.where(mask[rows, o], 0, w[rows, o])), rtol=1e-6)
+    x = rng.normal(size=(2, 3, d_in)).astype(np.float32)
+    block_of_ones = np.kron(np.eye(d_in // k), np.ones((1, k)))  # X: [in/k, in]
+    np.testing.assert_allclose(np.asarray(ws.slorb_apply(x, S, k)), (x @ block_of_ones.T) @ S, rtol=1e-5, atol=1e-6)
+    xw = rng.normal(size=(d_in // k, k)).astype(np.float32)  # a trained X: per-group input weights
+    explicit = np.zeros((d_in // k, d_in))
+    for g in range(d_in // k):
+        explicit[g, g * k:(g + 1) * k] = xw[g]
+    np.testing.assert_allclose(np.asarray(ws.slorb_apply(x, S, k, xw)), (x @ explicit.T) @ S, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(ws.slorb_apply(x, S, k, ws.slorb_x_init(d_in, k))),
+                                  np.asarray(ws.slorb_apply(x, S, k)))
+    # equal inputs inside a group: S·(Xx) is exactly the pruned weights' contribution
+    xc = np.repeat(rng.normal(size=(4, d_in // k)), k, axis=1).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(ws.slorb_apply(xc, S, k)), xc @ np.where(mask, 0, w), rtol=1e-4, atol=1e-5)
+    assert ws.slorb_param_count(d_in, d_out, k) == S.size
+    assert ws.slorb_param_count(d_in, d_out, k, trainable_x=True) == S.size + d_in
+
+
+def test_decay_moves_only_pruned_weights_with_the_annealed_lambda():
+    assert float(ws.decay_lambda(0)) == 0.0
+    np.testing.assert_allclose([float(ws.decay_lambda(t)) for t in (1500, 3000, 10_000)], [3e-5, 6e-5, 6e-5], rtol=1e-6)
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(8, 4)).astype(np.float32)
+    mask = np.asarray(ws.nm_mask(np.abs(w)))
+    g = np.asarray(ws.decayed_grad(jnp.zeros_like(w), w, mask, 0.5))
+    np.testing.assert_array_equal(g[mask], 0)
+    np.testing.assert_allclose(g[~mask], 0.5 * w[~mask])
+    w_new = w - 0.1 * g  # one SGD step on a zero loss gradient: pruned weights shrink, kept ones stay
+    np.testing.assert_array_equal(w_new[mask], w[mask])
+    assert np.all(np.abs(w_new[~mask]) < np.abs(w[~mask]))
+
+
+def test_flip_rate_counts_changed_positions():
+    old = np.array([[True], [True], [False], [False]])
+    new = np.array([[True], [False], [True], [False]])
+    assert float(ws.flip_rate(old, new)) == 0.5 and float(ws.flip_rate(old, old)) == 0.0
+
+
+def _tiny_model(scan_layers=False, seed=0):
+    from flax import nnx
+
+    from qsparse_jax import ModelConfig, Transformer
+
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, hidden_dim=64, activation="relu2",
+                      max_seq_len=16, scan_layers=scan_layers)
+    return Transformer(cfg, rngs=nnx.Rngs(seed))
+
+
+def test_calibration_records_each_linear_input_norm_and_hessian():
+    from qsparse_jax.nn.layers import rms_norm
+
+    model = _tiny_model()
+    tokens = [np.random.default_rng(i).integers(0, 64, (2, 8)) for i in range(2)]
+    stats = ws.calibrate(model, tokens)
+    assert len(stats) == 2 and set(stats[0]) == {("attn", "wq"), ("attn", "wk"), ("attn", "wv"), ("attn", "wo"),
+                                                  ("mlp", "w_gate"), ("mlp", "w_up"), ("mlp", "w_down")}
+    # layer 0's q/k/v input: the attention RMSNorm of the embeddings
+    x = np.concatenate([np.asarray(rms_norm(model.embed[...][t], model.config.norm_eps,
+                                            model.layers[0].attn_norm.weight[...])).reshape(-1, 32) for t in tokens])
+    s = stats[0][("attn", "wk")]
+    np.testing.assert_allclose(s["act_norm"], np.linalg.norm(x, axis=0), rtol=1e-5)
+    np.testing.assert_allclose(s["H"], x.T.astype(np.float64) @ x, rtol=1e-4, atol=1e-4)
+    assert s["tokens"] == 32 and stats[1][("mlp", "w_down")]["H"].shape == (64, 64)
+
+
+LINEARS = {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"}
+
+
+@pytest.mark.parametrize("method", ws.METHODS)
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["layers", "scan"])
+def test_prune_model_makes_every_block_linear_2_4_and_leaves_the_rest(method, scan_layers):
+    from flax import nnx
+
+    model = _tiny_model(scan_layers)
+    before = {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(model))}
+    tokens = [np.random.default_rng(0).integers(0, 64, (2, 16))]
+    pruned, report = ws.prune_model(model, method, tokens)
+    assert len(report) == 7 * 2 and all(r["kept"] == 0.5 for r in report)
+    if method != "magnitude":
+        assert all(0 < r["rel_err"] < 1 for r in report)
+    for k, v in nnx.to_flat_state(nnx.state(pruned)):
+        a = np.asarray(v[...])
+        if k[0] == "layers" and k[-1] == "weight" and k[-2] in LINEARS:
+            assert float(ws.group_zero_fraction(a, 4, "min")) == 0.5 == float(ws.group_zero_fraction(a, 4, "mean"))
+            if method != "sparsegpt":  # masking only; SparseGPT also updates the kept weights
+                np.testing.assert_array_equal(a[a != 0], before[k][a != 0])
+        else:
+            np.testing.assert_array_equal(a, before[k])

@@ -1,0 +1,159 @@
+"""Top-K sparsification (Q-Sparse Eq. 2–3, 12–13) and Block Q-Sparse (N:M)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qsparse_jax.ops.topk import keep_count, topk_mask, topk_sparsify
+
+
+def reference_mask(x: np.ndarray, k: int) -> np.ndarray:
+    """Numpy Top_k(|x|) per row: largest magnitude first, lowest index first among ties."""
+    order = np.argsort(-np.abs(x), axis=-1, kind="stable")[..., :k]
+    mask = np.zeros(x.shape, bool)
+    np.put_along_axis(mask, order, True, axis=-1)
+    return mask
+
+
+shapes = st.tuples(st.integers(1, 4), st.integers(1, 3), st.integers(1, 70))
+
+
+@given(shape=shapes, seed=st.integers(0, 2**16), frac=st.floats(0.01, 1.0))
+def test_exactly_k_kept_per_row_and_they_are_the_largest(shape, seed, frac):
+    x = np.asarray(jax.random.normal(jax.random.key(seed), shape))
+    k = max(1, int(frac * shape[-1]))
+    y = np.asarray(topk_sparsify(jnp.asarray(x), k))
+    mask = np.asarray(topk_mask(jnp.asarray(x), k))
+    assert (mask.sum(-1) == k).all()
+    np.testing.assert_array_equal(mask, reference_mask(x, k))
+    np.testing.assert_array_equal(y, np.where(mask, x, 0))
+    if k < shape[-1]:
+        assert (np.where(mask, np.abs(x), np.inf).min(-1) >= np.where(mask, -np.inf, np.abs(x)).max(-1)).all()
+
+
+@given(rows=st.integers(1, 6), blocks=st.integers(1, 5), m=st.sampled_from([2, 4, 8, 32]),
+       seed=st.integers(0, 2**16), frac=st.floats(0.01, 1.0))
+def test_block_keeps_n_per_block_of_m(rows, blocks, m, seed, frac):
+    x = np.asarray(jax.random.normal(jax.random.key(seed), (rows, blocks * m)))
+    n = max(1, int(frac * m))
+    mask = np.asarray(topk_mask(jnp.asarray(x), n, block_size=m))
+    per_block = mask.reshape(rows, blocks, m)
+    assert (per_block.sum(-1) == n).all()
+    np.testing.assert_array_equal(per_block, reference_mask(x.reshape(rows, blocks, m), n))
+
+
+@given(seed=st.integers(0, 2**16), d=st.integers(2, 64), levels=st.integers(1, 4))
+def test_ties_break_to_lowest_index_with_exactly_k(seed, d, levels):
+    # few distinct magnitudes, random signs: most rows tie at the threshold
+    rng = np.random.default_rng(seed)
+    x = (rng.integers(0, levels, (5, d)) * rng.choice([-1, 1], (5, d))).astype(np.float32)
+    for k in {1, d // 2 or 1, d - 1 or 1, d}:
+        mask = np.asarray(topk_mask(jnp.asarray(x), k))
+        np.testing.assert_array_equal(mask, reference_mask(x, k))
+
+
+def test_bfloat16_and_jit():
+    x = jax.random.normal(jax.random.key(1), (3, 40), jnp.bfloat16)
+    y = jax.jit(lambda x: topk_sparsify(x, 10))(x)
+    assert y.dtype == jnp.bfloat16
+    assert (np.asarray(y != 0).sum(-1) == 10).all()
+    np.testing.assert_array_equal(np.asarray(y != 0), reference_mask(np.asarray(x, np.float32), 10))
+
+
+def test_ste_gradient_is_identity():
+    x = jax.random.normal(jax.random.key(2), (4, 33))
+    g = jax.random.normal(jax.random.key(3), (4, 33))
+    _, vjp = jax.vjp(lambda x: topk_sparsify(x, 7), x)
+    np.testing.assert_array_equal(vjp(g)[0], g)
+
+
+def test_masked_gradient_is_cotangent_times_mask():
+    x = jax.random.normal(jax.random.key(4), (4, 32))
+    g = jax.random.normal(jax.random.key(5), (4, 32))
+    for bs in (None, 8):
+        _, vjp = jax.vjp(lambda x: topk_sparsify(x, 3, block_size=bs, grad="masked"), x)
+        np.testing.assert_array_equal(vjp(g)[0], g * topk_mask(x, 3, block_size=bs))
+
+
+def test_l2_preserve_rescale_keeps_row_norm():
+    x = jax.random.normal(jax.random.key(6), (5, 48))
+    y = topk_sparsify(x, 12, rescale="l2_preserve")
+    np.testing.assert_allclose(jnp.linalg.norm(y, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
+    np.testing.assert_array_equal(y != 0, topk_mask(x, 12))
+    np.testing.assert_array_equal(topk_sparsify(x, 12), jnp.where(topk_mask(x, 12), x, 0))  # default: no rescale
+
+
+def test_keep_count_formula_and_validation():
+    assert keep_count(1024, 0.3) == int(0.7 * 1024)
+    assert keep_count(32, 0.5) == 16
+    assert keep_count(10, 0.0) == 10
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
+            keep_count(10, bad)
+    with pytest.raises(ValueError, match="keeps no entry"):
+        keep_count(4, 0.9)
+    with pytest.raises(ValueError, match="dim must be a positive integer"):
+        keep_count(0, 0.5)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(k=0), r"k must be an integer in \[1, 12\]"),
+    (dict(k=13), r"k must be an integer in \[1, 12\]"),
+    (dict(k=2, block_size=5), "block_size must be a positive divisor"),
+    (dict(k=5, block_size=4), r"k must be an integer in \[1, 4\]"),
+    (dict(k=2, rescale="l1"), "rescale must be one of"),
+    (dict(k=2, grad="vanilla"), "grad must be one of"),
+])
+def test_bad_arguments_raise_one_line(kw, msg):
+    with pytest.raises(ValueError, match=msg) as e:
+        topk_sparsify(jnp.ones((2, 12)), **kw)
+    assert "\n" not in str(e.value)
+
+
+def test_works_when_feature_axis_is_sharded():
+    """Selection is reductions only, so a feature axis split over devices needs no gather or sort."""
+    code = textwrap.dedent("""
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from qsparse_jax.sparsity import topk_sparsify
+        mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "tensor"))
+        x = jax.random.normal(jax.random.key(0), (8, 64))
+        xs = jax.device_put(x, NamedSharding(mesh, P("data", "tensor")))
+        f = jax.jit(lambda x: topk_sparsify(x, 5, block_size=16) + topk_sparsify(x, 11))
+        g = jax.jit(jax.grad(lambda x: jnp.sum(topk_sparsify(x, 11, grad="masked") ** 2)))
+        want_f, want_g = f(x), g(x)
+        np.testing.assert_array_equal(f(xs), want_f)
+        np.testing.assert_array_equal(g(xs), want_g)
+        # explicit-axis mode, where lax.top_k over a sharded axis is an error
+        from jax.sharding import AxisType
+        emesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Explicit,) * 2)
+        with jax.set_mesh(emesh):
+            xe = jax.device_put(x, NamedSharding(emesh, P("data", "tensor")))
+            np.testing.assert_array_equal(f(xe), want_f)
+            np.testing.assert_array_equal(g(xe), want_g)
+        print("ok")
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@given(seed=st.integers(0, 2**16), d=st.integers(2, 64), zero_frac=st.sampled_from([0.3, 0.6, 0.9]),
+       frac=st.floats(0.05, 1.0))
+def test_relu_like_inputs_with_many_zeros_give_the_exact_top_k_values(seed, d, zero_frac, frac):
+    """The STE forward skips breaking ties among zeros (same values); the masked path stays exact."""
+    rng = np.random.default_rng(seed)
+    x = np.where(rng.random((6, d)) < zero_frac, 0.0, rng.normal(size=(6, d)) ** 2).astype(np.float32)
+    k = max(1, int(frac * d))
+    want = np.where(reference_mask(x, k), x, 0)
+    np.testing.assert_array_equal(topk_sparsify(jnp.asarray(x), k), want)
+    np.testing.assert_array_equal(topk_sparsify(jnp.asarray(x), k, grad="masked"), want)
+    assert (np.asarray(topk_mask(jnp.asarray(x), k)).sum(-1) == k).all()
