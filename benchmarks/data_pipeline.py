@@ -40,7 +40,7 @@ def sh_prepare(args: list[str]) -> float:
 def train_bpe(path: Path, vocab: int = 8192) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from qsparse_jax.corpus import stdlib_files
+    from qsparse_jax.data.corpus import stdlib_files
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -64,8 +64,8 @@ def build_config(grid: dict, run: dict):
 
 def train_run(grid: dict, run: dict, out: Path) -> dict | None:
     """Train one run to completion (resuming if interrupted); None when stopped by a signal."""
-    from qsparse_jax.model import activated_params
-    from qsparse_jax.trainer import train
+    from qsparse_jax.nn.model import activated_params
+    from qsparse_jax.train.loop import train
 
     workdir = out / run["name"]
     cfg = build_config(grid, run)
@@ -176,7 +176,7 @@ def sweep_tables(rows: list[dict]) -> str:
 
 
 def fit_and_plot(csv_path: Path, results: Path, n_boot: int):
-    from qsparse_jax import scaling_law as sl
+    from qsparse_jax.analysis import scaling_law as sl
 
     data = sl.read_runs(str(csv_path), n_col="N", s_col="S", loss_col="loss")
     fit = sl.fit_law(*data)
@@ -239,7 +239,7 @@ def main(argv=None) -> int:
     sweep_csv = results / "sweep.csv"
     write_csv([r for r in rows if r["kind"] == "sweep"], sweep_csv)
     print(f"wrote {results / 'runs.csv'} ({len(rows)} runs) and {results / 'ablations.md'}")
-    from qsparse_jax.scaling_law import ScalingLawError
+    from qsparse_jax.analysis.scaling_law import ScalingLawError
 
     try:
         fit_and_plot(sweep_csv, results, args.bootstrap)

@@ -116,7 +116,7 @@ def read_metrics(workdir: Path) -> list[dict]:
 
 
 def run_train(name: str, out: Path, overrides: dict, init_from: str | None = None) -> dict:
-    from qsparse_jax.trainer import train
+    from qsparse_jax.train.loop import train
 
     workdir = out / name
     done = workdir / "result.json"
@@ -136,7 +136,7 @@ def run_train(name: str, out: Path, overrides: dict, init_from: str | None = Non
 
 
 def run_prune(method: str, out: Path, dense_ckpt: str) -> dict:
-    from qsparse_jax.prune import prune
+    from qsparse_jax.transforms.prune import prune
 
     workdir = out / f"oneshot_{method}"
     done = workdir / "result.json"

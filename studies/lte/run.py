@@ -51,7 +51,7 @@ def cfg_for(over):
 
 def run_train(out: Path, name: str, over, init_from=None, cfg_path=None) -> Path:
     from qsparse_jax.config import load_config
-    from qsparse_jax.trainer import train
+    from qsparse_jax.train.loop import train
 
     wd = out / name
     if (wd / "done.json").is_file():
@@ -67,7 +67,7 @@ def run_train(out: Path, name: str, over, init_from=None, cfg_path=None) -> Path
 def load(path):
     from flax import nnx
 
-    from qsparse_jax.convert import load_checkpoint_model
+    from qsparse_jax.checkpoints.native import load_checkpoint_model
 
     cfg, params, graphdef = load_checkpoint_model(str(path / "checkpoints") if (path / "checkpoints").is_dir() else str(path))
     return nnx.merge(graphdef, params), cfg
@@ -77,8 +77,8 @@ def evaluate(model, batches) -> dict:
     """Validation NLL (nats/byte), FFN sparsity and FFN FLOPs per token (measured on the validation tokens)."""
     import jax
 
-    from qsparse_jax import lte as L
-    from qsparse_jax.model import functional, nll_sum
+    from qsparse_jax.nn import lte as L
+    from qsparse_jax.nn.model import functional, nll_sum
 
     apply, params = functional(model)
     f = jax.jit(lambda p, t: apply(p, t, return_stats=True))
@@ -111,14 +111,14 @@ def evaluate(model, batches) -> dict:
 
 def hard(model):
     """An LTE model evaluated the way it is served: hard selection (stage 2's G > τ)."""
-    from qsparse_jax.model import with_config
+    from qsparse_jax.nn.model import with_config
 
     return with_config(model, lte=dataclasses.replace(model.config.lte, stage=2))
 
 
 def variation(model, tokens) -> dict:
     """Per-layer FFN sparsity and the spread of per-token sparsity (claim: it varies by layer and token)."""
-    from qsparse_jax import lte as L
+    from qsparse_jax.nn import lte as L
 
     per_tok = L.token_sparsity(hard(model), tokens)  # [layers, tokens]
     return {"per_layer": [float(x) for x in per_tok.mean(1)], "token_std": [float(x) for x in per_tok.std(1)],
@@ -128,9 +128,9 @@ def variation(model, tokens) -> dict:
 
 def decode_speed(model, prompt, new_tokens=64, repeats=5) -> dict:
     """Decode tokens/s at batch 1: LTE reading only the selected experts (gather) vs the same weights dense."""
-    from qsparse_jax import lte as L
-    from qsparse_jax.generate import generate
-    from qsparse_jax.model import functional
+    from qsparse_jax.nn import lte as L
+    from qsparse_jax.infer.generate import generate
+    from qsparse_jax.nn.model import functional
 
     out = {}
     for name, m in (("dense", L.dense_variant(model)), ("lte", L.with_execution(hard(model), "gather")),
@@ -151,7 +151,7 @@ def synthetic_speed(dim=1024, hidden=2816, new_tokens=32) -> dict:
     from flax import nnx
 
     from qsparse_jax.config import LTEConfig, ModelConfig
-    from qsparse_jax.model import Transformer
+    from qsparse_jax.nn.model import Transformer
 
     cfg = ModelConfig(vocab_size=256, dim=dim, n_layers=2, n_heads=8, hidden_dim=hidden, max_seq_len=128,
                       lte=LTEConfig(enabled=True, expert_size=32, stage=2))
@@ -174,10 +174,10 @@ def main(argv=None) -> int:
         BASE_STEPS, CONT_STEPS, STAGE1, STAGE2, EVAL_BATCHES = 6, 4, 3, 2, 2
     import jax
 
-    from qsparse_jax import lte as L
+    from qsparse_jax.nn import lte as L
     from qsparse_jax.config import LTEConfig
-    from qsparse_jax.data import load_splits, val_batches
-    from qsparse_jax.model import with_config
+    from qsparse_jax.data.pipeline import load_splits, val_batches
+    from qsparse_jax.nn.model import with_config
 
     out, res_dir = Path(args.out), Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
