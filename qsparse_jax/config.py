@@ -1,4 +1,7 @@
-"""TODO docstring (config)."""
+"""Typed, self-validating configuration dataclasses.
+
+Every check raises :class:`ConfigError` with one line saying what was wrong and what is allowed.
+"""
 
 from __future__ import annotations
 
@@ -332,7 +335,7 @@ class MixtureSource:
 class DataConfig:
     """Where tokens come from. ``source: stdlib`` is the embedded corpus (the Python standard
     library's own ``.py`` files), present on every machine; a directory written by
-    ``python -m qsparse_jax.prepare`` (memory-mapped, nothing tokenized at start); or a file or
+    ``qsparse prepare`` (memory-mapped, nothing tokenized at start); or a file or
     directory of text, JSONL (``text_field``), Parquet or ArrayRecord files, tokenized in memory at
     start. ``mixture`` samples from several prepared directories in proportion to their weights."""
 

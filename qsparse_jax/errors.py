@@ -1,4 +1,6 @@
-"""TODO docstring (errors)."""
+"""User-facing errors: each message is one line saying what was wrong and what is allowed.
+
+Kept free of JAX imports so that tools which never touch a device (``prepare``) start fast."""
 
 from __future__ import annotations
 

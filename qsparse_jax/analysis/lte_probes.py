@@ -1,4 +1,5 @@
-"""TODO docstring (lte)."""
+"""LTE probes: FFN sparsity per layer and per token of a model, measured block by block.
+"""
 
 from __future__ import annotations
 

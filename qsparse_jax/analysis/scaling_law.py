@@ -1,4 +1,29 @@
-"""TODO docstring (scaling_law)."""
+"""The Q-Sparse inference-optimal scaling law: fit, optimum and plot.
+
+The law (Q-Sparse, arXiv 2407.10969, ``../shared/SEEDS.md``)::
+
+    L(N, S)   = E + A(S) / N^α                      (Eq. 15)   N total parameters, S sparsity
+    A(S)      = B + C · exp(β / (1 − S))            (Eq. 16)
+    L(N_a, S) = E + A(S) · ((1 − S) / N_a)^α        (Eq. 23)   N_a = (1 − S)·N activated parameters
+
+At a fixed activated-parameter budget N_a, Eq. 23 is minimized by the sparsity S* that solves
+``u = α (1 + (B/C) e^(−u))`` with ``u = β / (1 − S)``; S* does not depend on N_a. With the paper's
+rounded full-precision constants (E 1.86, B 0.01, C 1.89, α 0.10, β 0.05) S* = 50.2 %; β = 0.0547
+gives the reported 45.6 % (total = 1.84 × activated).
+
+Command line (bad input: one line on stderr, exit status 2)::
+
+    qsparse scaling-law fit --csv runs.csv [--n_col N --s_col S --loss_col loss] [--bootstrap 200]
+    qsparse scaling-law optimum [--E 1.86 --B 0.01 --C 1.89 --alpha 0.10 --beta 0.05]
+    qsparse scaling-law plot --out law.png [--csv runs.csv] [--sparsities 0 0.4 0.7] [constants]
+
+Fitting (as Chinchilla and Q-Sparse do): minimize ``Σ Huber_δ(log L̂(N_i, S_i) − log L_i)`` with
+δ = 1e-3 by L-BFGS, from every point of a grid of initializations, keeping the best. The five
+constants are fitted as logarithms, ``(log E, log B, log C, log α, log β)``, so all stay positive
+(the law's shape needs B ≥ 0, C > 0, α > 0 and β > 0 for an interior optimum) and the predicted
+log-loss is a stable log-sum-exp: ``log L̂ = LSE(log E, LSE(log B, log C + β/(1 − S)) − α log N)``.
+Confidence intervals: resample the runs with replacement, refit, take percentiles.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,16 @@
-"""TODO docstring (bench)."""
+"""Micro-benchmarks of the sparse layer, the train step and the kernels, each printed as ratios measured in one run.
+
+``qsparse bench topk``: a top-K-sparsified linear layer, forward + backward, against the
+same dense layer (and against a ``lax.top_k`` formulation, the obvious way to write it).
+``qsparse bench step --config configs/tiny.yaml``: a full train step with the config's
+sparsity against the same model dense.
+``qsparse bench kernels [--quick]``: ``kernels.qsparse_matmul`` (top-K, int8, packed
+ternary weights) against a dense matmul, with bytes/s and the memory-bandwidth roofline.
+``qsparse bench all --out DIR [--quick]``: on a lent GPU / TPU, the native kernel and sharded
+train-step checks, the kernel table, the train-step ratio and decode tokens/s in one call (``bench/suite.py``).
+``qsparse bench eval``: our eval CLI and ``lm_eval --model qsparse_jax`` against
+``lm_eval --model hf`` on a tiny local model and 240 requests (``bench/eval_speed.py``).
+"""
 
 from __future__ import annotations
 

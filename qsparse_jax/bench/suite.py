@@ -1,4 +1,24 @@
-"""TODO docstring (bench_all)."""
+"""``qsparse bench all --out DIR [--quick]``: everything a lent accelerator should record, in one call.
+
+On whatever backend JAX finds (GPU, TPU, or the CPU), in this order, each section timed and kept
+within ``--budget-s`` (a section that would start past it is skipped and says so):
+
+1. **checks** — the Pallas kernels natively (Triton on GPU, Mosaic on TPU; the Pallas interpreter on
+   CPU): exact int32 accumulators against the XLA reference and ``qsparse_matmul`` against
+   ``impl="xla"``, for 2-bit and base-3 packing, decode and batched shapes; and a train step sharded
+   over every local device (``mesh.fsdp=-1``) whose loss falls over a few steps on one batch.
+2. **kernels** — ``qsparse_matmul`` (top-K, int8, packed ternary) against a dense bf16 matmul for the
+   7B projections 4096→11008 and 11008→4096, batch 1 / 8 / 512, kept 100 / 60 / 40 %, with the byte
+   roofline from a copy measured now.
+3. **train step** — the 7B shape (``configs/7b-qsparse.yaml``, dim 4096, hidden 11008, 32 heads) cut to
+   ``--layers`` layers and a small batch, Q-Sparse against the same model dense, interleaved.
+4. **decode** — KV-cache decoding tokens/s of the 7B 1.58-bit shape cut the same way: dense, sparse,
+   and sparse with the packed-ternary kernels (``model.kernels=on``).
+
+Writes ``DIR/report.md`` (also printed) and ``DIR/report.json``. Exit status 1 when a check fails,
+2 on a usage mistake. ``--quick`` shrinks every shape so the whole run takes well under a minute on 2
+CPU cores (the CI smoke test); it measures nothing worth recording.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring (bench)."""
+"""Timing helpers every benchmark shares: interleaved repeats, the machine's name, memory bandwidth.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,12 @@
-"""TODO docstring (convert, hf)."""
+"""Hugging Face interop for Llama, Mistral and Qwen2 checkpoints, without torch.
+
+``load_pretrained(path, **overrides)`` reads a local directory (``config.json`` and one or
+index-sharded ``*.safetensors``) into a :class:`Transformer`; overrides set any ``ModelConfig`` field
+(for Q-Sparse continued training: ``sparsity=SparsityConfig.uniform(0.4)``). With ``mesh`` each
+tensor is read slice by slice straight into its shards, so no host ever holds a whole 7B model.
+``save_pretrained(model, path)`` writes a directory ``transformers`` loads with
+``AutoModelForCausalLM.from_pretrained``. HF stores linear weights [out, in]; we store [in, out].
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,16 @@
-"""TODO docstring (checkpoint, convert, trainer)."""
+"""Our checkpoint format, read and written in one place: orbax (async, sharded, atomic, keep-last-N) + config.
+
+Training checkpoints (:func:`manager`, :func:`save`, :func:`restore`), a model's parameters alone
+(:func:`restore_params`, :func:`load_checkpoint_model`), a model written as a step-0 checkpoint for
+``--init_from`` (:func:`write_model_checkpoint`: import-hf, prune, lte convert) and the run's
+``config.yaml`` (:func:`write_config`).
+
+A checkpoint at step N holds the train state (params, optimizer state, step), the data iterator's
+state and the resolved config. orbax writes each step into a temporary directory and renames it
+when complete, so a crash or kill during a save never damages the last complete checkpoint.
+Restoring reads every array straight into the sharding of the *current* mesh, so a run saved on one
+mesh shape resumes on another.
+"""
 
 from __future__ import annotations
 

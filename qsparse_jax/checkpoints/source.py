@@ -1,4 +1,7 @@
-"""TODO docstring (inference)."""
+"""One place that loads a model for inference: ``--hf DIR`` or ``--ckpt DIR``, its tokenizer and special
+tokens, a data-parallel mesh over the local devices, and variants of the same weights under another
+sparsity or the packed kernels. ``eval``, ``generate`` and the lm-eval backend all load through here.
+"""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""TODO"""
+"""Data: tokenizers, corpus readers, the prepared-shard format (writer and reader), batches, SFT."""

@@ -1,4 +1,10 @@
-"""TODO docstring (corpus)."""
+"""Documents of a corpus, streamed: text files, JSONL (plain, ``.gz``, ``.zst``), Parquet, ArrayRecord.
+
+Every reader yields ``(name, text)`` pairs one document at a time, so no reader ever holds a whole
+file (Parquet is read a record batch at a time). ``name`` is stable across machines and runs: the
+train / validation split is a hash of it (``is_validation``). The embedded corpus ``stdlib`` is the
+Python standard library's own ``.py`` sources, present wherever Python is.
+"""
 
 from __future__ import annotations
 

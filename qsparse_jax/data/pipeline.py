@@ -1,4 +1,15 @@
-"""TODO docstring (data)."""
+"""Input pipeline: corpora → tokens → packed windows → deterministic, resumable grain batches.
+
+The default corpus is embedded in every Python install: the standard library's own ``.py`` sources.
+Documents are split into train / validation by a hash of their name (stable across runs and
+machines), tokenized (bytes by default, or any HF ``tokenizer.json``), joined with a separator token
+and cut into windows of ``seq_len + 1`` tokens. Large corpora are tokenized once by
+``qsparse prepare`` and memory-mapped here (``shards.py``); several prepared
+corpora can be mixed by weight (``Mixture``). A grain ``MapDataset`` shuffles windows with a seed,
+gives each host its rows of every global batch and reads them ahead in threads; batch ``i`` is a pure
+function of ``(seed, i)``, so the iterator state saved in checkpoints is one integer and a resumed run
+sees exactly the same batches.
+"""
 
 from __future__ import annotations
 
@@ -171,7 +182,7 @@ def _mixture_splits(cfg: DataConfig) -> TokenSplits:
     parts = {}
     for ms in cfg.mixture:
         if not is_prepared(ms.source):
-            raise DataError(f"data.mixture: {ms.source} is not a prepared corpus (run python -m qsparse_jax.prepare)")
+            raise DataError(f"data.mixture: {ms.source} is not a prepared corpus (run qsparse prepare)")
         parts[ms.label] = _prepared_splits(ms.source, cfg)
     total = sum(ms.weight for ms in cfg.mixture)
     weights = {ms.label: ms.weight / total for ms in cfg.mixture}

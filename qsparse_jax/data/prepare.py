@@ -1,4 +1,28 @@
-"""TODO docstring (prepare)."""
+"""Prepare a corpus once: stream documents, tokenize in worker processes, write memory-mappable shards.
+
+``qsparse prepare --source SRC [SRC ...] --tokenizer byte|PATH/tokenizer.json --out DIR
+[--workers N] [--shard_index I --num_shards N] [--val_fraction F] [--text_field F]``
+
+Training then reads ``data.source=DIR`` without tokenizing anything (``shards.py``), the way
+Megatron / nanoGPT read pre-tokenized binaries and levanter its cache. Layout of ``DIR``:
+
+- ``prepare.json``: the arguments and a fingerprint of the input plan; a re-run or another part
+  must match it (else a one-line error), so parts of one dataset never mix inputs.
+- ``train/cNNNNNN-KKKK.bin``, ``val/...``: token shards, little-endian uint16 (vocabulary ≤ 65,536)
+  or uint32, at most ``--shard_tokens`` tokens each. Documents are joined with the tokenizer's
+  separator token, which follows every document (as ``data.tokenize_corpus`` does in memory).
+- ``chunks/cNNNNNN.json``: written when chunk N is complete (after its shards were renamed into
+  place), so a killed prepare re-run with the same arguments skips finished chunks and rewrites the
+  others; every file's bytes are a pure function of the inputs and arguments, so the result is
+  byte-identical however often it was interrupted, and whatever ``--workers`` was.
+- ``manifest.json``: written when every chunk is complete; what training reads.
+
+Work is divided into *chunks*: consecutive input files adding up to ``--chunk_mb`` on disk (a
+Parquet file larger than that is split by row groups). Chunk ``c`` belongs to part
+``c mod --num_shards``, so N machines or processes prepare disjoint parts into one directory (a
+shared file system, or copy the parts together and run ``--merge``); the part that finishes last
+writes the manifest. Shards are named by chunk, so one process and N parts write the same files.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,16 @@
-"""TODO docstring (sft)."""
+"""Supervised fine-tuning data: JSONL conversations → packed rows with loss only on responses.
+
+A record is ``{"prompt": ..., "response": ...}`` or ``{"messages": [{"role": ..., "content": ...}]}``
+(roles ``system`` / ``user`` / ``assistant``). Text is laid out by the tokenizer's chat template (the
+Jinja ``chat_template`` of the ``tokenizer_config.json`` next to ``tokenizer.json``, rendered as
+transformers renders it) or, without one, by :data:`PLAIN_TEMPLATE`. Each assistant turn, and the
+end-of-example token after the last, is a *response* segment: the loss is taken on those tokens only.
+
+Examples are packed greedily, in a seeded order, into rows of ``seq_len + 1`` tokens. Each row carries
+``segment_ids`` (1, 2, … per example, 0 for padding) so attention never crosses examples,
+``positions`` restarting at 0 per example (RoPE), and ``weights`` on the *targets*: predicting token
+``j`` counts iff it is a response token of the same example as token ``j − 1``.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,12 @@
-"""TODO docstring (prepare, token_shards)."""
+"""The prepared-corpus format and its reader: token shards memory-mapped as one virtual array.
+
+``prepare.py`` writes the format (:data:`FORMAT`, :data:`PREPARE_VERSION`, ``manifest.json``); this
+module reads it.
+
+Opening costs one ``stat`` per shard (to catch missing or truncated files) and no reads; a window
+``tokens[a:b]`` maps only the shards it touches and copies only those pages, so start-up time and
+resident memory do not grow with the corpus, and each host touches only the pages of its own rows.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +29,7 @@ MANIFEST = "manifest.json"
 
 
 def is_prepared(path: str | Path) -> bool:
-    """A directory written by ``python -m qsparse_jax.prepare`` (finished or not)."""
+    """A directory written by ``qsparse prepare`` (finished or not)."""
     p = Path(path)
     return (p / MANIFEST).is_file() or (p / "prepare.json").is_file()
 

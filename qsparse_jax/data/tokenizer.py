@@ -1,4 +1,8 @@
-"""TODO docstring (tokenizer)."""
+"""Tokenizers: UTF-8 bytes (vocab 256) or any Hugging Face ``tokenizer.json`` (no download).
+
+Both append nothing themselves; corpora join documents with ``separator`` (byte 0, or the
+tokenizer's end-of-text token). ``fingerprint`` identifies a tokenizer in prepared-corpus manifests.
+"""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""TODO"""
+"""Inference: model variants (sparsity, kernels, LTE execution), timed generation, evaluation, lm-eval."""

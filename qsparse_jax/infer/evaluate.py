@@ -1,4 +1,30 @@
-"""TODO docstring (eval)."""
+"""Evaluation: perplexity and multiple-choice log-likelihood accuracy, dense vs sparse side by side,
+scored in bucketed batches with lm-evaluation-harness's conventions.
+
+``qsparse eval (--hf DIR | --ckpt DIR) [--ppl FILE] [--mc FILE.jsonl] [--sparsity S]``
+
+The same weights are evaluated dense and, when a sparsity is set (``--sparsity`` or the checkpoint's
+own), with top-K keeping ``1 − S`` of every projection input. ``--mc`` takes JSONL lines
+``{"context": str, "choices": [str, ...], "label": int, "target_delimiter": str (default " ")}``: each
+choice is scored as lm-eval scores a ``multiple_choice`` task's request ``(context, delimiter + choice)``.
+``--ppl`` takes text or JSONL (``text`` field); each document is scored in lm-eval's rolling windows.
+
+Conventions, as lm-eval 0.4 (``lm_eval/api/model.py`` ``TemplateLM``, ``lm_eval/utils.py``,
+``lm_eval/api/task.py`` ``process_results``, ``lm_eval/models/huggingface.py``):
+
+- context / continuation split: trailing whitespace of the context moves to the continuation; the
+  continuation's tokens are those of ``encode(context + continuation)`` after ``len(encode(context))``;
+  an empty context becomes the prefix token (BOS, else end-of-text);
+- a pair longer than ``max_length + 1`` tokens is truncated from the left;
+- ``acc``: argmax of summed log-likelihood; ``acc_norm``: of log-likelihood / the choice's length in
+  characters (``len(choice)``, delimiter excluded: lm-eval's ``completion_len``); ``acc_bytes``: / its
+  UTF-8 length in bytes; ``acc_per_token``: / its number of tokens (our former ``acc_norm``);
+- rolling windows for perplexity: ``get_rolling_token_windows(context_len=1)`` + ``make_disjoint_window``.
+
+Speed: requests are sorted by length and right-padded into a few bucket widths; one program is compiled
+per (bucket width, batch size), batches are split over the local devices (data-parallel), and the dense
+and sparse columns reuse the same tokenized, bucketed, device-resident batches.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,12 @@
-"""TODO docstring (generate)."""
+"""Timed decoding: the same weights generated sparse and dense, tokens/s of each (``qsparse generate``).
+
+The prompt is prefilled in one pass, then one token per step is decoded inside a single jitted
+``lax.scan`` (one dispatch for the whole continuation, so the timing is the model, not Python). The
+same weights run twice, with the model's top-K sparsity and fully dense, and the tokens/s of both and
+their ratio are printed (``--sparsity S`` sets a uniform sparsity for the sparse run). An LTE model
+(``model.lte.enabled``) runs reading only the selected experts' weights (``lte.execution: gather``) vs
+the same weights with a dense FFN, and the experts read per decode step (the batch's union) are printed.
+"""
 
 from __future__ import annotations
 

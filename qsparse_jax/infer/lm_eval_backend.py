@@ -1,4 +1,28 @@
-"""TODO docstring (lm_eval_backend)."""
+"""lm-evaluation-harness model backend ``qsparse_jax``: our JAX model, dense or Q-Sparse, under lm-eval's
+tasks and metrics (``pip install -e ".[eval]"``; lm-eval 0.4.x).
+
+    qsparse lm-eval --model qsparse_jax --model_args hf=DIR,sparsity=0.4 \
+        --tasks T --include_path P --batch_size 32 [--log_samples --output_path OUT]
+
+These are lm-eval's own CLI (every lm-eval flag works, ``--model hf`` too) with this backend registered:
+lm-eval 0.4 finds models only in its registry and reads no plugin entry points, so a plain ``lm_eval``
+process cannot see a model defined outside its source tree. In Python, importing this module registers
+it: ``import qsparse_jax.infer.lm_eval_backend; lm_eval.simple_evaluate(model="qsparse_jax", ...)``.
+
+``--model_args`` keys: ``hf=DIR`` or ``ckpt=DIR`` (a run's checkpoints directory or one step of it);
+``sparsity=S`` for every projection group and/or per group ``qkv=``, ``out=``, ``gate_up=``, ``down=``
+(default: the model's own sparsity, dense for a plain HF model); ``block_size=M`` (N:M); ``kernels=on``
+(1.58-bit models: the packed int8 x ternary kernels); ``bits=2|1.6`` (packed format); ``tokenizer=PATH``;
+``max_length`` (default the model's max_seq_len); ``max_gen_toks`` (default 256). ``--batch_size N``
+sets the rows per batch (``auto`` means 32: batches here are bucketed by width, not searched for).
+
+Requests follow lm-eval's HF backend (``lm_eval/models/huggingface.py``): ``loglikelihood`` through
+``TemplateLM``'s context / continuation split and left truncation to ``max_length + 1`` tokens;
+``loglikelihood_rolling`` over ``get_rolling_token_windows`` windows; ``generate_until`` with the context
+left-truncated to ``max_length - max_gen_toks`` tokens, greedy (or sampled with ``do_sample`` and a
+``temperature``) through the KV-cache decoder, cut at the end-of-text token and then at the first stop
+sequence (``until``). Scoring is the eval CLI's: bucketed widths, one compiled program per width.
+"""
 
 from __future__ import annotations
 

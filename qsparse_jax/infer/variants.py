@@ -1,4 +1,9 @@
-"""TODO docstring (inference, lte)."""
+"""Variants of one model's weights for inference: another sparsity, the packed kernels, LTE execution.
+
+:func:`sparsity_config` is the one way from command-line sparsity options to a ``SparsityConfig``:
+unset fields keep the model's own (block size, rescale, gradient), so a Block Q-Sparse model stays
+blocked. No variant copies the weights.
+"""
 
 from __future__ import annotations
 

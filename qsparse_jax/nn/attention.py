@@ -1,4 +1,22 @@
-"""TODO docstring (attention)."""
+"""Scaled dot-product attention: one reference, one memory-linear form for every backend, fused kernels.
+
+``attend(q, k, v, mask_spec, impl)`` with q [b, s, h, d], k / v [b, t, g, d] (GQA: g divides h) and
+the mask given by positions: query i sees key j when ``0 ≤ qpos_i − kpos_j`` (causal), ``< window``
+(sliding window), ``key_valid_j`` (filled KV-cache slots) and ``qseg_i = kseg_j`` (packed documents).
+
+- ``xla``: ``softmax(q kᵀ / √d) v`` with the whole [b, h, s, t] score matrix (the reference; fine on CPU).
+- ``chunked``: the same function computed over key blocks with an online softmax (Milakov & Gimelshein
+  2018; FlashAttention's recurrence) under ``lax.scan`` with a rematerialized body, so memory is
+  linear in the sequence length in the forward and the backward pass; plain XLA, so GSPMD partitions
+  it like any other op.
+- ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` on NVIDIA GPUs (causal by index,
+  sliding window; no packed segments).
+- ``flash``: the Pallas TPU FlashAttention kernel (``jax.experimental.pallas.ops.tpu.flash_attention``)
+  inside ``shard_map`` over the batch and head axes (a Pallas call is not partitioned by GSPMD);
+  causal by index, packed segments; no sliding window.
+``auto`` picks flash on TPU, cudnn on GPU and xla on CPU, and falls back to ``chunked`` where the
+fused kernel does not implement the mask.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring (generate, model)."""
+"""KV-cache decoding: the cache, prompt prefill and a whole continuation in one jitted ``lax.scan``.
+"""
 
 from __future__ import annotations
 

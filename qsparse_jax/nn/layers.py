@@ -1,4 +1,8 @@
-"""TODO docstring (layers)."""
+"""Transformer building blocks (Flax NNX): RMSNorm, RoPE, SparseLinear, attention, GLU feed-forward.
+
+Every parameter carries ``logical_axes`` metadata (embed, heads, kv, mlp, vocab); ``sharding.py`` maps
+those names onto mesh axes, so no layer mentions a mesh.
+"""
 
 from __future__ import annotations
 

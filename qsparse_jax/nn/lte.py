@@ -1,4 +1,89 @@
-"""TODO docstring (lte)."""
+"""The LTE feed-forward layer: experts with a sigmoid router, soft (stage 1) or hard (stage 2), masked or gathered.
+
+LTE: Learn-To-be-Efficient (arXiv 2402.06126, NeurIPS 2024; SEEDS §3) — learned structured activation
+sparsity: the FFN's neurons grouped into experts, a sigmoid router per FFN, experts skipped at inference.
+This module holds the layer (:class:`LTEFeedForward`), its expert-major inference weights, its statistics
+and a block-by-block walk of a model; the pieces of the method live beside the layer they belong to:
+
+- the math (clustering, losses, router fitting): ``ops/experts.py``;
+- dense → LTE conversion and MoEfication routers: ``transforms/lte_convert.py`` (``qsparse lte convert``);
+- the trainer hooks: ``train/methods/lte.py``; inference variants: ``infer/variants.py``;
+  per-layer / per-token probes: ``analysis/lte_probes.py``.
+
+What they do:
+
+- **Experts** (:func:`group_experts`, :func:`permute_ffn`, :func:`permute_model_params`): a GLU neuron is a
+  gate/up column pair and its down row; neurons are grouped into equal-size experts by balanced k-means on
+  their normalized input-weight vectors (MoEfication's grouping) and the weights are permuted so expert
+  ``e`` is the contiguous slice ``[e·s, (e+1)·s)`` of the hidden axis. The permutation does not change the
+  model's function.
+- **Router and stages** (:class:`LTEFeedForward`, picked by ``Block`` when ``model.lte.enabled``): scores
+  ``G(x)_i = σ(x · W_r,i)``. Stage 1: output ``Σ_i G(x)_i · E_i(x)``, loss + ``η``·efficiency +
+  ``λ_sep``·separability. Stage 2: expert ``i`` runs iff ``G(x)_i > τ``, routers frozen (:class:`LTEMethod`).
+- **Structured execution** (``model.lte.execution: gather``): only the selected experts' gate/up columns
+  and down rows are read and multiplied: for one token (decode) its selected experts; for a batch the
+  union of the tokens' experts (reported as ``lte_union``), each token still masked to its own experts.
+- **MoEfication baseline** (:func:`fit_moefication_routers`): routers fit to a *dense* model (not trained
+  with it) to predict which experts are active; the ``top_k`` best-scored experts are kept per token.
+- **From a dense model** (:func:`to_lte`, ``qsparse lte convert``): a dense checkpoint or HF
+  directory → grouped, permuted, routers added → a checkpoint for ``train.py --init_from`` (the routers
+  are not a method-added leaf: ``--init_from`` of the dense checkpoint itself would skip the grouping).
+- **Training hooks** (:class:`LTEMethod`): the trainer's method interface (frozen routers in stage 2, the
+  efficiency and separability terms, sparsity / FLOPs / score-histogram metrics).
+
+Choices the paper leaves open (or that its public descriptions do not pin down), and why:
+
+1. *Clustering features*: the paper clusters each neuron's column of ``W_1``. For a GLU there are two
+   input matrices; we cluster on the **gate** column (``w_gate[:, j]``), the one that goes through the
+   activation and so decides whether the neuron is (near) zero — the quantity an expert's router predicts.
+   Vectors are L2-normalized (cosine k-means), as MoEfication does, so weight scale does not dominate.
+2. *Balanced k-means*: the paper does not give the algorithm. Ours: k-means++-free random init from the
+   data, then each iteration assigns neurons to centroids greedily under an exact capacity of ``s``
+   neurons per cluster (every unassigned neuron proposes its most similar non-full cluster; each cluster
+   accepts its most similar proposals up to its remaining capacity; repeat), then re-centres
+   (normalized mean). 25 iterations or until the assignment stops changing; seeded, deterministic.
+3. *Efficiency loss*: the paper's text (as SEEDS §3 digests it) is "mean router score", pushing experts
+   off; one secondary summary renders it as a mean of *squared* scores. Default ``efficiency: mean``:
+   ``L_eff = (1/(L·N)) Σ_l Σ_i G_l(x)_i`` per token, averaged over tokens; ``mean_square`` is the option.
+   The mean (L1 on non-negative scores) keeps pushing scores all the way to 0, while the square's push
+   vanishes near 0, so the mean gives the sparsity that ``η`` asks for more directly.
+4. *Separability loss*: the paper wants scores pushed away from ``τ`` and (as we read it) penalizes the
+   inverse squared distance ``1/(G − τ)²``, which is unbounded at ``τ``. We use the bounded, smoothed form
+   ``L_sep = (1/(L·N)) Σ_l Σ_i ε / ((G_l(x)_i − τ)² + ε)`` with ``ε = sep_eps = 0.01``: it equals
+   ``ε ·`` the paper's term away from ``τ`` (same gradient direction), is 1 at ``G = τ`` and ≈ 0 far from
+   it, so its weight ``separability`` is on the scale of the task loss (default 0.1) and never overflows.
+5. *Router*: one linear layer, no bias (``x · W_r`` as the paper writes it), float32 scores, weights
+   ``N(0, init_std)`` (truncated at 2σ), so every score starts near 0.5 = τ: the model starts at half its
+   dense FFN output and stage 1 moves each expert's score to one side. The router reads the FFN input
+   (after ``mlp_norm``), the same tensor the experts read.
+6. *Stage 2 output*: ``Σ_{i: G_i > τ} E_i(x)`` — the selected experts at full weight, not scaled by
+   ``G`` (the "hard threshold" of the paper; this is what a kernel that skips experts computes). The
+   score goes through a step function, so no gradient reaches the router; it is also frozen (optax mask).
+7. *Inference* (``execution: gather``) is always hard (``G > τ``, or top-k for MoEfication), whatever the
+   stage: after stage 1 alone the model is evaluated the way it would be served.
+8. *Execution* (gather): a loop (``fori_loop`` with a dynamic trip count) over the union of the batch's
+   selected experts, each iteration one expert's contiguous blocks; at batch 1 the union is the token's
+   selection. The gate/up weights are kept a second time expert-major ``[2, E, dim, s]`` for inference
+   (:class:`ExpertMajor`, made by :func:`with_execution`; a deployment would store only that layout),
+   because gathering the selected columns of ``[dim, hidden]`` (or blocks of ``[E, dim, s]``) on XLA:CPU
+   costs 2.7–16× the dense FFN, while the loop over contiguous blocks is the fastest skip we found. It is
+   still no faster than dense on XLA:CPU (measured, idle 2-core CPU, batch 1, half the experts: 0.9× of
+   dense at dim 1024 / hidden 2816, 0.5× at 2048 / 5632 and 4096 / 11008): the dense matmul uses every
+   core, the loop one core, and XLA copies each dynamic slice before its dot. The paper's 25 % latency cut
+   needs a kernel that reads the selected blocks in place (its Triton kernel); none is here.
+9. *MoEfication baseline*: label of expert ``e`` for a token = 1 iff ``e`` is among the token's
+   ``top_k`` experts by the L2 norm of its slice of ``up ⊙ act(gate)`` (works for SiLU, where nothing is
+   exactly zero, as well as ReLU²); routers fit by Adam on binary cross-entropy over calibration tokens,
+   one linear router per layer as LTE's (MoEfication itself uses a 2-layer MLP; one layer keeps the
+   router FLOPs equal to LTE's, so the comparison is about training, not router size). Top-k at inference.
+10. *Losses over tokens*: the router terms are summed over every input position of the batch (the
+    router sees every token, padding included in SFT batches), each layer's term averaged over layers.
+11. *Where LTE does not apply*: the gather path needs kernels off, no top-K, BitLinear norm or int8
+    quantization at the down input and no SLoRB (those see the whole hidden vector); the
+    masked path (training) works with everything ``FeedForward`` supports. Block top-K at the down input
+    is not permutation-invariant, so :func:`to_lte` refuses models with ``sparsity.block_size`` and
+    ``sparsity.down``.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,10 @@
-"""TODO docstring (layers, model)."""
+"""The Llama-style decoder: blocks, the model, its pure-functional form, and Q-Sparse parameter accounting.
+
+A :class:`Block` picks its feed-forward from the config (``FeedForward``, or ``nn/lte.py``'s
+``LTEFeedForward`` when ``model.lte.enabled``). :func:`functional` gives ``apply(params, tokens)`` on a plain
+pytree (``nnx.split`` / ``merge``); :func:`activated_params` / :func:`sparsity_from_zeros` are the one
+accounting of activated parameters ``N_a`` that FLOPs, MFU and the scaling law read.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""TODO docstring (sharding)."""
+"""Device mesh and the one logical-axis → mesh-axis rules table (MaxText style).
+
+Parameters name their axes where they are created (``logical_axes`` metadata in ``layers.py``); this
+table is the only place those names meet mesh axes. A dimension whose size a mesh axis does not
+divide stays replicated along that axis.
+"""
 
 from __future__ import annotations
 

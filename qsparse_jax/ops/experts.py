@@ -1,4 +1,8 @@
-"""TODO docstring (lte)."""
+"""LTE's math on arrays: neurons grouped into equal experts, the router losses, MoEfication router fitting.
+
+The choices the paper leaves open (clustering features, balanced k-means, the efficiency and
+separability forms, MoEfication labels) are written down in ``nn/lte.py``'s docstring, items 1-4 and 9.
+"""
 
 from __future__ import annotations
 

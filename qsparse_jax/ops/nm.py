@@ -1,4 +1,17 @@
-"""TODO docstring (weight_sparsity)."""
+"""N:M (default 2:4) semi-structured *weight* sparsity math: masks, scores, SLoRB, the AST decay.
+
+Pure functions for the Adaptive Sparse Trainer (AST, Huang et al., arXiv 2407.20584, AAAI 2025) and its
+one-shot baselines (magnitude, Wanda; SparseGPT is ``ops/sparsegpt.py``). Conventions:
+
+* Weights are stored ``[in, out]`` (``SparseLinear.weight``, ``y = x @ W``), with ``scan_layers`` a
+  leading layer axis ``[L, in, out]``. N:M groups run along the **input** axis (axis ``-2``) per output
+  feature: in each group of ``m`` consecutive inputs ``n`` weights are kept. (The papers' PyTorch
+  weights are ``[out, in]``: the same groups, transposed.)
+* A mask is boolean, ``True`` = kept.
+
+The model-level calibration and one-shot pruning that use these live in ``transforms/calibration.py``
+(``qsparse prune`` is their command); AST's training hooks in ``train/methods/ast.py``.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,18 @@
-"""TODO docstring (quant)."""
+"""Activation and weight quantizers of BitNet b1.58 / Q-Sparse, with straight-through gradients.
+
+Transcribed from the PyTorch reference (BitNet "training tips", HF transformers' BitNet), float32
+throughout, ``jnp.round`` = round half to even like ``torch.round``:
+
+- activations, per token absmax int8 (Eq. 5–7):
+  ``s = 127 / clamp(max|x|, 1e-5)``, ``y = clamp(round(x·s), −128, 127) / s``;
+- weights, per tensor absmean ternary (Eq. 9–10):
+  ``s = 1 / clamp(mean|w|, 1e-5)``, ``u = clamp(round(w·s), −1, 1) / s``;
+- 1-bit weights (BitNet): ``sign(w − mean w) · mean|w|``.
+
+The fake-quant functions return exactly the dequantized value in the forward pass (the reference's
+``x + (q − x).detach()`` can differ from ``q`` by one rounding; ``custom_vjp`` does not) and pass the
+cotangent through unchanged (STE).
+"""
 
 from __future__ import annotations
 

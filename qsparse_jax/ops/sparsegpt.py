@@ -1,4 +1,7 @@
-"""TODO docstring (weight_sparsity)."""
+"""SparseGPT N:M pruning of one weight matrix from its input Hessian (OBS with error compensation).
+
+Weights are ``[in, out]`` and N:M groups run along the input axis, as in ``ops/nm.py``.
+"""
 
 from __future__ import annotations
 

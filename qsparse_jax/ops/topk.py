@@ -1,4 +1,17 @@
-"""TODO docstring (sparsity)."""
+"""Top-K activation sparsification with a straight-through estimator.
+
+Q-Sparse (arXiv 2407.10969, §2): ``Y = (X ⊙ M) Wᵀ`` (Eq. 2) with ``M = Top_k(|X|)`` (Eq. 3), per token
+along the input-feature (last) axis. Backward is the straight-through estimator
+``∂Y/∂X = ∂Y/∂(X⊙M)`` (Eq. 13); the vanilla masked gradient ``∂Y/∂(X⊙M) ⊙ M`` (Eq. 12) is kept for the
+ablation. Block Q-Sparse applies the same selection in every block of ``M`` consecutive features (N:M).
+
+Selection does not sort. ``|x|`` as a float32 is non-negative, so its IEEE bit pattern read as int32
+orders exactly like the value; a per-row binary search over that integer finds the k-th largest
+magnitude in 31 compare-and-count passes (plain reductions, so it also works when the feature axis is
+sharded, where ``lax.top_k`` does not). Short N:M blocks (≤ 64) instead rank every entry against its
+block in one pass. Ties at the threshold are broken towards the lowest index so that exactly ``k``
+entries are kept.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,10 @@
-"""TODO docstring (bench_eval)."""
+"""Tiny local models and data that the tests and the benchmarks share, made here (nothing is downloaded).
+
+A random HF Llama directory (:func:`make_llama`), a byte-level BPE ``tokenizer.json`` trained here with
+``tokenizers`` (:func:`make_tokenizer`), multiple-choice items and lm-eval task files over them
+(:func:`make_mc_items`, :func:`write_mc_task`, :func:`write_gen_task`), and the environment that keeps HF
+libraries offline (``OFFLINE_ENV``).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,17 @@
-"""TODO docstring (compile_only)."""
+"""Compile the real train step ahead of time for a TPU slice (or these devices) and report whether it fits.
+
+``python train.py --config C --compile_only [--topology v5p-128] [--cpu_devices N] [key=value ...]``
+
+The state is abstract (``trainer.abstract_setup``: shapes and shardings, nothing allocated) and the
+step is the one training runs (``trainer.make_train_step``: same shardings, donation, remat, scan,
+gradient accumulation), lowered and compiled by XLA for the target devices — for a TPU slice through
+libtpu's topology description, so a pod config is checked on a CPU machine before renting the pod
+(MaxText's ``train_compile.py`` does the same). The report reads ``memory_analysis()`` (arguments,
+temporaries, outputs per device) against the chip's HBM and ``cost_analysis()`` (FLOPs, the
+compiler's step-time estimate). XLA's cost analysis counts a ``lax.scan`` body once, so with
+``scan_layers`` the step's FLOPs and time are extrapolated from one- and two-layer unrolled compiles:
+``c(L) = c(1) + (L − 1)·(c(2) − c(1))``.
+"""
 
 from __future__ import annotations
 

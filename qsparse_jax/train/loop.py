@@ -1,4 +1,10 @@
-"""TODO docstring (trainer)."""
+"""The training loop: resume or start, run the jitted step, evaluate, log, checkpoint, stop cleanly.
+
+``train(config, workdir)`` is what ``qsparse train`` / ``train.py`` calls. The state and the step are
+``train/step.py``'s (one ``jax.jit`` with explicit in/out shardings from the parameters' logical axes;
+the batch split over the data and fsdp mesh axes). Metrics go to ``workdir/metrics.jsonl`` (one JSON line
+per logged step) and to tensorboardX event files under ``workdir/tensorboard`` (``train/metrics.py``).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring (trainer)."""
+"""What a run reports: FLOPs per token (the one accounting, dense and sparse), progress, metrics.jsonl / tensorboard.
+"""
 
 from __future__ import annotations
 

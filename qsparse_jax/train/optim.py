@@ -1,4 +1,5 @@
-"""TODO docstring (trainer)."""
+"""The optimizer: AdamW (optax) with the learning-rate and weight-decay schedules, clipping, masks.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""TODO docstring (trainer)."""
+"""The train state and the jitted steps: sharded (or abstract) init, train / eval / statistics steps.
+
+The train step is one ``jax.jit`` with explicit in/out shardings and donated state, gradient
+accumulation over micro-batches, and the methods' hooks (``train/methods``).
+"""
 
 from __future__ import annotations
 
@@ -130,7 +134,7 @@ def make_train_step(s: Setup, consts: dict | None = None):
     """The jitted step ``(state, batch) -> (state, metrics)``: loss = ``ce_weight·NLL + Σ method terms``
     over the counted targets, gradients of the ``nnx.Param`` leaves (accumulated over ``grad_accum``
     micro-batches), the methods' gradient adjustments and frozen parameters, the optimizer update, then
-    the methods' scheduled refresh (``methods.py``). ``consts``: the methods' step constants (a teacher)."""
+    the methods' scheduled refresh (``train/methods``). ``consts``: the methods' step constants (a teacher)."""
     accum = s.cfg.optim.grad_accum
     methods = s.methods
     need_stats = any(m.needs_stats for m in methods)

@@ -1,4 +1,10 @@
-"""TODO docstring (topology)."""
+"""Accelerator chips and TPU slice names: HBM, peak FLOP/s, and devices to compile for without owning any.
+
+``tpu_devices("v5p-128")`` returns the 64 devices of a TPU v5p slice from libtpu's topology
+description (``jax.experimental.topologies``), so a train step can be compiled and measured for a pod
+on a CPU machine (as MaxText's ``train_compile.py`` does). Slice names follow Cloud TPU's accelerator
+types: v4 and v5p count TensorCores (2 per chip), v5e and v6e count chips.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""TODO docstring (weight_sparsity)."""
+"""Calibration on a model and one-shot N:M pruning of every block linear (magnitude, Wanda, SparseGPT).
+
+Blocks are calibrated and pruned one after another, each on the outputs of the already pruned ones
+(sequential calibration, as SparseGPT does); the scores and masks are ``ops/nm.py``'s and
+``ops/sparsegpt.py``'s.
+"""
 
 from __future__ import annotations
 

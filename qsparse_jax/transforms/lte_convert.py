@@ -1,4 +1,8 @@
-"""TODO docstring (lte)."""
+"""Dense → LTE: neurons grouped and permuted into experts, routers added (or fit, MoEfication), written as a checkpoint.
+
+``qsparse lte convert (--ckpt DIR | --hf DIR) WORKDIR`` is the command; the result trains with
+``--init_from WORKDIR/checkpoints``. The choices behind it are in ``nn/lte.py``'s docstring.
+"""
 
 from __future__ import annotations
 

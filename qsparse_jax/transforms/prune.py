@@ -1,4 +1,20 @@
-"""TODO docstring (prune)."""
+"""One-shot N:M (default 2:4) pruning of every block linear: magnitude, Wanda or SparseGPT.
+
+``qsparse prune --method magnitude|wanda|sparsegpt (--ckpt DIR | --hf DIR) --out DIR
+[--calib_batches B] [--n 2 --m 4] [--eval_batches K] [data.key=value ...]``
+
+Writes ``OUT/checkpoints/0`` (parameters, the pruned weights with their zeros in place) and
+``OUT/config.yaml`` (the source's config, unchanged: a dense model whose block weights happen to be N:M),
+so the result trains (``train.py --config OUT/config.yaml --init_from OUT/checkpoints``; with
+``model.weight_sparsity.n: 2`` the AST masks start from these zeros), evaluates
+(``qsparse eval --ckpt OUT/checkpoints``) and exports (``qsparse export-hf``) like any other
+checkpoint. The embedding and LM head stay dense.
+
+Calibration (Wanda, SparseGPT): the first ``B`` training batches of the config's data source (the
+checkpoint's ``data`` section; for ``--hf`` the default embedded corpus with the model's tokenizer, or
+``--config``'s; ``data.*`` overrides on top), blocks pruned one after another on the outputs of the already pruned ones
+(``transforms/calibration.py``'s ``prune_model``). ``--eval_batches K`` also prints the validation loss before and after.
+"""
 
 from __future__ import annotations
 

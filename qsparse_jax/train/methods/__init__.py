@@ -1,4 +1,5 @@
-"""TODO docstring (methods)."""
+"""Training methods (AST, distillation, LTE) and :func:`methods_for`, which builds them from a config.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""TODO docstring (methods)."""
+"""AST as a training method: N:M masks refreshed on a schedule, the annealed decay, SLoRB, exact resume.
+
+Adaptive Sparse Trainer (Huang et al., arXiv 2407.20584); the math is ``ops/nm.py``'s.
+"""
 
 from __future__ import annotations
 

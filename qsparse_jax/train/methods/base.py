@@ -1,4 +1,27 @@
-"""TODO docstring (methods)."""
+"""How a training method meets the trainer: one small interface, :class:`TrainingMethod`.
+
+The loop in ``train/loop.py`` knows no method by name. A method may
+
+- add loss terms (``loss_terms``): SUMS over the counted target tokens, added to the NLL sum, so
+  batches and gradient-accumulation micro-batches combine exactly; each is reported per token by name;
+- scale the cross-entropy (``ce_weight``; distillation's ``CE`` weight);
+- ask for the model's per-layer statistics (``needs_stats``: ``apply(..., return_stats=True)``);
+- pass constants into the jitted step (``constants``: e.g. a frozen teacher's parameters, sharded on
+  the training mesh, never donated, never updated);
+- adjust gradients before the optimizer (``adjust_grads``: AST's annealed decay);
+- freeze parameters (``frozen``: zero gradient and zero update, so they stay bit-identical);
+- refresh model state on a schedule inside the jitted step, after the update (``refresh``: AST's masks);
+- keep its own state in the train state (``init_state`` / ``state_shardings``; checkpointed with it);
+- prepare parameters on a fresh start, after ``--init_from`` (``prepare``: AST's masks from the loaded weights);
+  the leaves it adds to a model (``adds``: names such as ``mask``) may be missing from that checkpoint;
+- add host-side metrics at log steps (``log_metrics``).
+
+``train.methods.methods_for`` builds the list from a config: AST (``model.weight_sparsity``, ``ast.py``),
+distillation (``train.distill``, ``distill.py``), LTE (``model.lte``, ``lte.py``).
+
+Parameters are the model's whole ``nnx.State``; only ``nnx.Param`` leaves are differentiated and
+optimized (model state such as AST's ``WeightMask`` is carried, not trained).
+"""
 
 from __future__ import annotations
 

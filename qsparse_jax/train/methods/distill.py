@@ -1,4 +1,5 @@
-"""TODO docstring (methods)."""
+"""Knowledge distillation as a training method: a frozen teacher (checkpoint or HF) and the KL term.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring (lte)."""
+"""LTE as a training method: efficiency and separability terms, frozen routers in stage 2, sparsity metrics.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ class LTEMethod(TrainingMethod):
     name = "lte"
     needs_stats = True
     # routers are not added at --init_from (they need the neurons grouped and permuted first)
-    init_from_hint = "make an LTE checkpoint from a dense one with python -m qsparse_jax.lte convert"
+    init_from_hint = "make an LTE checkpoint from a dense one with qsparse lte convert"
 
     def __init__(self, cfg):
         self.model_cfg = cfg.model
