@@ -369,6 +369,12 @@ class DataConfig:
             labels = [m.label for m in self.mixture]
             _require(len(set(labels)) == len(labels), f"data.mixture: names must differ, got {labels} (set name:)")
 
+    @classmethod
+    def for_model(cls, model: "ModelConfig", tokenizer: str = "byte") -> "DataConfig":
+        """The data section given to a model that comes without one (an HF import, a pruned or converted
+        HF model): the embedded corpus, the default window cut to the model's ``max_seq_len``."""
+        return cls(tokenizer=tokenizer, seq_len=min(cls.seq_len, model.max_seq_len))
+
 
 @dataclass(frozen=True)
 class OptimConfig:

@@ -32,7 +32,6 @@ def bench_eval(args) -> int:
     and 240 requests, each a fresh process (start-up included, as a user sees it)."""
     import tempfile
 
-
     work = Path(args.out or tempfile.mkdtemp(prefix="qsparse-eval-bench-"))
     model_dir, task_dir = work / "model", work / "tasks"
     if not (model_dir / "config.json").is_file():

@@ -90,7 +90,6 @@ def bench_step(args) -> int:
     """Train-step time of a config with its sparsity vs the same model dense, interleaved in one run."""
     import numpy as np
 
-
     cfg = load_config(args.config, args.overrides)
     dense = load_config(args.config, [*args.overrides, *(f"model.sparsity.{g}=0" for g in
                                                           ("qkv", "out", "gate_up", "down"))])
@@ -148,7 +147,6 @@ def _kernel_variants(x, wf, w, k, on_cpu, formulations):
 
 
 def bench_kernels(args) -> int:
-
     on_cpu = jax.default_backend() == "cpu"
     formulations = on_cpu and not args.no_formulations
     base = "dense f32" if on_cpu else "dense bf16"

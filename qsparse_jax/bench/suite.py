@@ -69,7 +69,6 @@ def _device_summary() -> dict:
 
 
 def _check_kernels(p: dict) -> list[dict]:
-
     native = jax.default_backend() in ("gpu", "tpu")
     impl = "pallas" if native else "interpret"
     rows = []
@@ -95,7 +94,6 @@ def _check_kernels(p: dict) -> list[dict]:
 
 
 def _check_sharded_step(p: dict) -> dict:
-
     n = jax.device_count()
     over = ["model.n_layers=2", "data.seq_len=64", f"data.batch_size={max(8, n)}", "mesh.data=1", "mesh.fsdp=-1",
             "mesh.tensor=1", "optim.warmup_steps=1", "optim.lr=3e-3", *QUICK_MODEL]
@@ -120,7 +118,6 @@ def section_checks(p: dict) -> dict:
 
 
 def section_kernels(p: dict) -> dict:
-
     on_cpu = jax.default_backend() == "cpu"
     copy_bw, read_bw = _memory_bandwidth(p["repeats"]) if not p.get("quick") else (None, None)
     bw = max(copy_bw, read_bw) if copy_bw else None
@@ -151,7 +148,6 @@ def _cut_7b(p: dict, config: str, extra=()) -> list[str]:
 
 
 def section_step(p: dict) -> dict:
-
     over = _cut_7b(p, "configs/7b-qsparse.yaml")
     cfgs = {"dense": load_config(str(_root() / "configs/7b-qsparse.yaml"),
                                  [*over, *(f"model.sparsity.{g}=0" for g in ("qkv", "out", "gate_up", "down"))]),
@@ -176,7 +172,6 @@ def section_step(p: dict) -> dict:
 
 def section_decode(p: dict) -> dict:
     from flax import nnx
-
 
     cfg = load_config(str(_root() / "configs/7b-bitnet-qsparse.yaml"), _cut_7b(p, "configs/7b-bitnet-qsparse.yaml"))
     model = Transformer(cfg.model, rngs=nnx.Rngs(0))

@@ -36,15 +36,13 @@ from .native import empty_checkpoints_dir, load_checkpoint_model, write_model_ch
 
 
 def import_hf(src: str, workdir: str, scan_layers: bool = False) -> Path:
-
     empty_checkpoints_dir(workdir)  # before the (long) load
     model = load_pretrained(src, scan_layers=scan_layers)
-    cfg = Config(model=model.config, data=DataConfig(seq_len=min(DataConfig.seq_len, model.config.max_seq_len)))
+    cfg = Config(model=model.config, data=DataConfig.for_model(model.config))
     return write_model_checkpoint(model, cfg, workdir, tokenizer_from=src)
 
 
 def export_hf(ckpt_path: str, dst: str, model_type: str | None = None, ternary: bool = False) -> Path:
-
     cfg, params, graphdef = load_checkpoint_model(ckpt_path)
     save_pretrained(nnx.merge(graphdef, params), dst, model_type=model_type, ternary=ternary)
     if cfg.model.sparsity.enabled:
@@ -272,7 +270,6 @@ def load_pretrained(path: str | Path, *, mesh=None, dtype: str | None = None, **
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     shardings = None
     if mesh is not None:
-
         shardings = dict(nnx.to_flat_state(state_shardings(abstract, mesh)))
     flat = dict(nnx.to_flat_state(abstract))
     names = hf_names(cfg)

@@ -173,7 +173,6 @@ def load_checkpoint_model(ckpt_path: str, mesh=None):
     device), so no device ever holds a whole large model."""
     import jax
 
-
     saved, step_dir = read_config(ckpt_path)
     cfg = from_dict(Config, saved)
     graphdef, like = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))

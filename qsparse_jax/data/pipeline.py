@@ -149,7 +149,6 @@ def load_splits(cfg: DataConfig) -> TokenSplits:
     """The configured corpus: a mixture, a prepared directory (memory-mapped), SFT examples, or
     documents tokenized in memory (the embedded ``stdlib`` default and small corpora)."""
     if cfg.task == "sft":
-
         s = load_sft(cfg)
         return TokenSplits(s.train, s.val, s.vocab_size, s.n_docs)
     if cfg.mixture:

@@ -256,7 +256,6 @@ def read_mc(path: str) -> list[dict]:
 
 
 def read_documents(path: str) -> list[str]:
-
     docs = [text for _, text in iter_documents(DataConfig(source=path)) if text]
     if not docs:
         raise DataError(f"--ppl {path} holds no text")

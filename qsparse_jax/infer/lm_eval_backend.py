@@ -151,7 +151,6 @@ class QSparseJaxLM(TemplateLM):
 
     # --- scoring ----------------------------------------------------------------------------------
     def _score(self, pairs: list[tuple[list[int], list[int]]], desc: str, disable_tqdm: bool):
-
         batches = make_batches(pairs, self.max_length, self.batch_size, self.loaded.mesh)
         return self._scorer(batches, desc=desc, progress=False if disable_tqdm else True)
 
@@ -166,7 +165,6 @@ class QSparseJaxLM(TemplateLM):
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-
         pairs, owner = [], []
         for i, req in enumerate(requests):
             (text,) = req.args
@@ -212,7 +210,6 @@ class QSparseJaxLM(TemplateLM):
         width, so one decoder is compiled per (rows, width, options), not per context length."""
         import jax
 
-
         jobs: dict = {}
         for i, req in enumerate(requests):
             context, kwargs = req.args
@@ -257,7 +254,6 @@ def make_padded_generate(apply, config, rows: int, width: int, max_new: int, tem
     prompt length up to ``width``."""
     import jax
     import jax.numpy as jnp
-
 
     steps = max(max_new, 2)
 

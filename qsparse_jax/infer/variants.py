@@ -70,7 +70,6 @@ def with_execution(model, execution: str = "gather"):
     """The LTE model with ``model.lte.execution`` changed (same weights)."""
     import dataclasses
 
-
     m = with_config(model, lte=dataclasses.replace(model.config.lte, execution=execution))
     if execution == "gather":
         for _, mod in nnx.iter_modules(m):

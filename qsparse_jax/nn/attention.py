@@ -178,7 +178,6 @@ def attention_flash(q, k, v, spec: MaskSpec) -> jax.Array:
     )
     from jax.sharding import PartitionSpec as P
 
-
     b, s, h, d = q.shape
     rep = h // k.shape[2]
     if rep > 1:  # the kernel wants as many kv heads as query heads

@@ -196,7 +196,6 @@ def decode_report(cfg: Config, topology: str | None = None, batch: int = 1, prom
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
-
     if topology:
         devices, chip = tpu_devices(topology)
     else:

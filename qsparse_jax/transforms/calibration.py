@@ -14,10 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..data.pipeline import load_splits, train_dataset
 from ..nn.layers import SparseLinear, _dtype
 from ..nn.model import with_config
 from ..ops.nm import _JIT_CACHE, magnitude_score, nm_mask, wanda_score
 from ..ops.sparsegpt import sparsegpt_prune
+from ..train.step import split_batch
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -25,7 +27,6 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 def block_linears(block) -> list[tuple[tuple, object]]:
     """``(path inside the block, SparseLinear)`` of every linear of a Block (q, k, v, o, gate, up, down)."""
     from flax import nnx
-
 
     return [(tuple(p), mod) for p, mod in nnx.iter_modules(block) if isinstance(mod, SparseLinear)]
 
@@ -96,7 +97,6 @@ def _block_forward_fn(graphdef):
 
 
 def _embed(model, tokens):
-
     return jnp.take(model.embed[...], jnp.asarray(tokens), axis=0).astype(_dtype(model.config.dtype))
 
 
@@ -171,7 +171,6 @@ def prune_model(model, method: str, batches: Iterable | None = None, *, n: int =
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     from flax import nnx
 
-
     cfg = model.config
     model = with_config(model, kernels="off")  # the same Variables under kernels off
     needs_data = method != "magnitude"
@@ -212,3 +211,10 @@ def prune_model(model, method: str, batches: Iterable | None = None, *, n: int =
             xs = [forward(state, x) for x in xs]
     return with_config(model, kernels=cfg.kernels), report
 
+
+def calibration_batches(data_cfg, n_batches: int) -> list:
+    """The first ``n_batches`` training batches' input tokens (int32 [B, seq_len]): the calibration data of
+    one-shot pruning and of MoEfication router fitting."""
+    splits = load_splits(data_cfg)
+    it = iter(train_dataset(splits.train, data_cfg))
+    return [split_batch(next(it))[0] for _ in range(n_batches)]

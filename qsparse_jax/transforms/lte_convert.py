@@ -13,14 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..checkpoints.hf import load_pretrained
-from ..checkpoints.native import load_checkpoint_model, write_model_checkpoint
-from ..config import Config, DataConfig, LTEConfig
-from ..data.pipeline import load_splits, train_dataset
+from ..checkpoints.native import write_model_checkpoint
+from ..checkpoints.source import load_model
+from ..config import LTEConfig
 from ..errors import ConfigError
 from ..nn.lte import _blocks, _copy_into, walk
 from ..nn.model import Transformer
 from ..ops.experts import fit_router, group_experts, moefication_labels
+from .calibration import calibration_batches
 
 _HIDDEN_OUT = (("w_gate", "weight"), ("w_up", "weight"), ("w_gate", "mask"), ("w_up", "mask"), ("subln", "weight"))
 
@@ -122,41 +122,20 @@ def write_checkpoint(model, cfg, workdir: str | Path) -> Path:
     return write_model_checkpoint(model, cfg, workdir)
 
 
-def load_dense(ckpt: str | None = None, hf: str | None = None):
-    """(model, Config) of a training checkpoint or an HF directory."""
-    import dataclasses
-
-
-    if (ckpt is None) == (hf is None):
-        raise ConfigError("give exactly one of --ckpt DIR or --hf DIR")
-    if ckpt is not None:
-
-        cfg, params, graphdef = load_checkpoint_model(ckpt)
-        return nnx.merge(graphdef, params), cfg
-
-    model = load_pretrained(hf)
-    data = DataConfig(seq_len=min(DataConfig.seq_len, model.config.max_seq_len))
-    if (Path(hf) / "tokenizer.json").is_file():
-        data = dataclasses.replace(data, tokenizer=str((Path(hf) / "tokenizer.json").absolute()))
-    return model, Config(model=model.config, data=data)
-
-
 def convert(workdir: str, *, ckpt: str | None = None, hf: str | None = None, lte: LTEConfig | None = None,
             seed: int = 0, calib_batches: int = 8, fit_steps: int = 300) -> dict:
     """Dense checkpoint / HF model → grouped LTE checkpoint in ``workdir`` (MoEfication: routers fit on
     ``calib_batches`` training batches). Returns a summary."""
     import dataclasses
 
-    model, cfg = load_dense(ckpt, hf)
+    model, cfg = load_model(hf, ckpt)
     lte = lte or LTEConfig(enabled=True)
     if cfg.model.lte.enabled:
         raise ConfigError("the source model already has LTE routers; convert a dense model")
     lte_model, _ = to_lte(model, lte, seed=seed)
     summary = {"experts": lte_model.config.hidden_dim // lte.expert_size, "expert_size": lte.expert_size}
     if lte.mode == "moefication":
-
-        it = iter(train_dataset(load_splits(cfg.data).train, cfg.data))
-        batches = [np.asarray(next(it))[:, :-1] for _ in range(calib_batches)]
+        batches = calibration_batches(cfg.data, calib_batches)
         lte_model, acc = fit_moefication_routers(lte_model, batches, steps=fit_steps)
         summary["router_topk_recall"] = acc
     new = dataclasses.replace(cfg, model=lte_model.config)

@@ -22,34 +22,27 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from ..checkpoints import native as ckpt_mod
 from ..checkpoints.native import empty_checkpoints_dir, write_model_checkpoint
 from ..checkpoints.source import load
 from ..config import (
     Config,
-    DataConfig,
     apply_overrides,
     from_dict,
     load_config,
     to_dict,
 )
-from ..data.pipeline import load_splits, train_dataset, val_batches
+from ..data.pipeline import load_splits, val_batches
 from ..errors import ConfigError
 from ..nn.model import functional, nll_sum
 from ..train.step import split_batch
-from .calibration import METHODS, prune_model
+from .calibration import METHODS, calibration_batches, prune_model
 
 
-def _data_config(args, saved_cfg, model_cfg, hf_dir: Path | None):
-
+def _data_config(args, saved_cfg, model_cfg):
     if args.config:
         data = load_config(args.config, []).data
-    elif saved_cfg is not None:
-        data = saved_cfg.data
     else:
-        data = DataConfig(seq_len=min(DataConfig.seq_len, model_cfg.max_seq_len))
-        if hf_dir is not None and (hf_dir / "tokenizer.json").is_file():
-            data = dataclasses.replace(data, tokenizer=str((hf_dir / "tokenizer.json").absolute()))
+        data = saved_cfg.data
     if args.overrides:
         bad = [o for o in args.overrides if not o.startswith("data.")]
         if bad:
@@ -62,18 +55,9 @@ def _data_config(args, saved_cfg, model_cfg, hf_dir: Path | None):
     return data
 
 
-def calibration_batches(data_cfg, n_batches: int) -> list:
-    """The first ``n_batches`` training batches' input tokens (int32 [B, seq_len])."""
-
-    splits = load_splits(data_cfg)
-    it = iter(train_dataset(splits.train, data_cfg))
-    return [split_batch(next(it))[0] for _ in range(n_batches)]
-
-
 def validation_loss(model, data_cfg, n_batches: int) -> float:
     """Mean next-token NLL over the first ``n_batches`` validation batches."""
     import jax
-
 
     apply, params = functional(model)
 
@@ -108,10 +92,8 @@ def prune(method: str, out: str, *, ckpt: str | None = None, hf: str | None = No
             raise ConfigError(msg)
     out_dir = Path(out)
     empty_checkpoints_dir(out_dir, "--out")  # before the (long) calibration
-    saved = None
-    if ckpt is not None:
-        saved = from_dict(Config, ckpt_mod.read_config(ckpt)[0]) if Path(ckpt).is_dir() else None
     loaded = load(hf=hf, ckpt=ckpt)
+    saved = loaded.config
     model, mcfg = loaded.model, loaded.model.config
     if mcfg.weight_sparsity.enabled:
         raise ConfigError(f"{loaded.source} was trained with model.weight_sparsity (its weights are already "
@@ -119,8 +101,7 @@ def prune(method: str, out: str, *, ckpt: str | None = None, hf: str | None = No
     for group, d in mcfg.group_input_dims().items():
         if d % m:
             raise ConfigError(f"--m {m} must divide every block linear's input size; {group} has {d}")
-    data = _data_config(argparse.Namespace(config=config, seq_len=seq_len, overrides=overrides), saved, mcfg,
-                        Path(hf) if hf is not None else None)
+    data = _data_config(argparse.Namespace(config=config, seq_len=seq_len, overrides=overrides), saved, mcfg)
     summary: dict = {"method": method, "n": n, "m": m, "source": loaded.source}
     batches = calibration_batches(data, calib_batches) if method != "magnitude" else None
     if batches is not None:
@@ -134,7 +115,7 @@ def prune(method: str, out: str, *, ckpt: str | None = None, hf: str | None = No
         summary["mean_rel_err"] = sum(errs) / len(errs)
     if eval_batches:
         summary["val_loss_after"] = validation_loss(model, data, eval_batches)
-    cfg = dataclasses.replace(saved, model=mcfg, data=data) if saved is not None else Config(model=mcfg, data=data)
+    cfg = dataclasses.replace(saved, model=mcfg, data=data)
     tokenizer_from = hf if hf is not None and data.tokenizer.endswith("tokenizer.json") else None
     summary["out"] = str(write_model_checkpoint(model, cfg, out_dir, tokenizer_from=tokenizer_from, what="--out"))
     return summary

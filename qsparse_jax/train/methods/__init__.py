@@ -16,7 +16,6 @@ def methods_for(cfg: Config) -> list[TrainingMethod]:
         out.append(AdaptiveSparseTraining(cfg))
     lte = getattr(cfg.model, "lte", None)
     if lte is not None and lte.enabled:
-
         out.append(LTEMethod(cfg))
     if cfg.train.distill.enabled:
         out.append(Distillation(cfg))

@@ -32,7 +32,6 @@ class AdaptiveSparseTraining(TrainingMethod):
 
     @staticmethod
     def _masks(params):
-
         return nnx.split_state(params, WeightMask, ...)[0]
 
     def _weights_of(self, params) -> dict[tuple, jax.Array]:
@@ -41,7 +40,6 @@ class AdaptiveSparseTraining(TrainingMethod):
         return {p: flat[p[:-1] + ("weight",)] for p in leaves_by_path(self._masks(params))}
 
     def _new_masks(self, params):
-
         weights = self._weights_of(params)
         return jax.tree_util.tree_map_with_path(
             lambda p, _: nm_mask(jnp.abs(weights[key_path(p)]), self.ws.n, self.ws.m), self._masks(params))
@@ -53,7 +51,6 @@ class AdaptiveSparseTraining(TrainingMethod):
         return changed / total
 
     def adjust_grads(self, grads, params, step):
-
         if self.ws.decay_rate == 0 or self.ws.decay_max == 0:
             return grads
         lam = decay_lambda(step, rate=self.ws.decay_rate, warm=self.ws.decay_max / self.ws.decay_rate,

@@ -3,14 +3,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ...checkpoints import native as ckpt
-from ...checkpoints.hf import config_from_hf, load_pretrained
-from ...checkpoints.native import load_checkpoint_model
-from ...config import Config, from_dict
+from ...checkpoints.source import is_hf, load_model, source_config
+from ...config import Config
 from ...errors import ConfigError
 from ...nn.model import Transformer
 from ...nn.sharding import state_shardings
@@ -43,38 +43,24 @@ class Distillation(TrainingMethod):
         self.graphdef = None
 
     def constants(self, mesh):
-        from pathlib import Path
-
         path = Path(self.d.teacher)
         if not path.is_dir():
             raise ConfigError(f"train.distill.teacher: no such directory {self.d.teacher!r}")
-        if (path / "config.json").is_file():
-
-            model = load_pretrained(path, mesh=mesh)
-            vocab = model.config.vocab_size
-            self.graphdef, params = nnx.split(model)
-        else:
-
-            tcfg, params, self.graphdef = load_checkpoint_model(str(path), mesh)
-            vocab = tcfg.model.vocab_size
-        if vocab != self.vocab:
-            raise ConfigError(f"train.distill.teacher has vocab_size {vocab}, the student {self.vocab}; they must match")
+        model, tcfg = load_model(**{"hf" if is_hf(path) else "ckpt": str(path)}, mesh=mesh,
+                                 flags=("train.distill.teacher", "train.distill.teacher"))
+        self.graphdef, params = nnx.split(model)
+        if tcfg.model.vocab_size != self.vocab:
+            raise ConfigError(f"train.distill.teacher has vocab_size {tcfg.model.vocab_size}, the student "
+                              f"{self.vocab}; they must match")
         return params
 
     def _teacher_config(self):
         """The teacher's model config: its checkpoint's or HF config; without the directory (planning a
         run elsewhere), the student's architecture without its methods (the dense original)."""
-        import json
-        from pathlib import Path
-
-
         path = Path(self.d.teacher)
-        if (path / "config.json").is_file():
-
-            return config_from_hf(json.loads((path / "config.json").read_text()))
         if path.is_dir():
-
-            return from_dict(Config, ckpt.read_config(str(path))[0]).model
+            return source_config(**{"hf" if is_hf(path) else "ckpt": str(path)},
+                                 flags=("train.distill.teacher", "train.distill.teacher")).model
         if self.d.teacher not in _NOTED:
             _NOTED.add(self.d.teacher)
             print(f"note: train.distill.teacher {self.d.teacher} is not here; compiling with the student's "
@@ -83,7 +69,6 @@ class Distillation(TrainingMethod):
                                     **({"lte": type(self.student.lte)()} if hasattr(self.student, "lte") else {}))
 
     def abstract_constants(self, mesh):
-
         tcfg = self._teacher_config()
         self.graphdef, like = nnx.split(nnx.eval_shape(lambda: Transformer(tcfg, rngs=nnx.Rngs(0))))
         return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), like,
