@@ -13,17 +13,9 @@ from .ops.quant import WEIGHT_BITS
 from .ops.topk import GRADS, RESCALES, keep_count
 
 ACTIVATIONS = ("relu2", "silu")
-
-
 KERNELS = ("off", "on", "xla", "pallas", "interpret")  # on: Pallas on GPU/TPU, XLA int8 path on CPU
-
-
 DTYPES = ("float32", "bfloat16")
-
-
 ATTENTION = ("auto", "xla", "chunked", "cudnn", "flash")  # attention.IMPLS
-
-
 PROJECTION_GROUPS = ("qkv", "out", "gate_up", "down")
 
 
@@ -105,11 +97,7 @@ class WeightSparsityConfig:
 
 
 LTE_MODES = ("lte", "moefication")
-
-
 LTE_EFFICIENCY = ("mean", "mean_square")
-
-
 LTE_EXECUTION = ("masked", "gather")
 
 
@@ -371,8 +359,7 @@ class DataConfig:
 
     @classmethod
     def for_model(cls, model: "ModelConfig", tokenizer: str = "byte") -> "DataConfig":
-        """The data section given to a model that comes without one (an HF import, a pruned or converted
-        HF model): the embedded corpus, the default window cut to the model's ``max_seq_len``."""
+        """The data of a model that comes without any (HF): the default window cut to its ``max_seq_len``."""
         return cls(tokenizer=tokenizer, seq_len=min(cls.seq_len, model.max_seq_len))
 
 

@@ -35,11 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 HUBER_DELTA = 1e-3
-
-
 MIN_RUNS = 6  # five constants plus at least one residual degree of freedom
-
-
 NAMES = ("E", "B", "C", "alpha", "beta")
 
 

@@ -52,12 +52,8 @@ def export_hf(ckpt_path: str, dst: str, model_type: str | None = None, ternary: 
 
 
 SUPPORTED = ("llama", "mistral", "qwen2", "bitnet")
-
-
 # transformers' BitNet "offline" format: BitLinear layers hold 2-bit packed ternary weights and a scale
 BITNET_QUANT = {"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline"}
-
-
 _PACK = 4  # ternary values per stored byte
 
 

@@ -20,8 +20,6 @@ from typing import Iterator
 from ..errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".text")
-
-
 ALLOWED = ".txt .md .py .rst .text, .jsonl / .jsonl.gz / .jsonl.zst, .parquet, .arrayrecord"
 
 

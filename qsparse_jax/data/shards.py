@@ -20,11 +20,7 @@ import numpy as np
 from ..errors import DataError
 
 PREPARE_VERSION = 1
-
-
 FORMAT = "qsparse-jax prepared tokens"
-
-
 MANIFEST = "manifest.json"
 
 

@@ -49,15 +49,11 @@ else:
 
 
 log = logging.getLogger(__name__)
-
-
 MODEL_ARGS = ("hf", "ckpt", "sparsity", "qkv", "out", "gate_up", "down", "block_size", "kernels", "bits",
               "tokenizer", "max_length", "max_gen_toks", "batch_size", "max_batch_size", "device")
 
 
 DEFAULT_BATCH = 32
-
-
 _GEN_KEYS = {"until", "max_gen_toks", "do_sample", "temperature"}
 
 

@@ -30,8 +30,6 @@ import jax.numpy as jnp
 from .sharding import active_mesh, logical_to_spec
 
 IMPLS = ("auto", "xla", "chunked", "cudnn", "flash")
-
-
 NEG = float(jnp.finfo(jnp.float32).min)
 
 

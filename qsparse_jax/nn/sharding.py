@@ -21,8 +21,6 @@ from ..config import MeshConfig
 from ..errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
-
-
 # logical axis -> mesh axes it is split over, in order. Parameters use embed / vocab / heads / kv / mlp;
 # activations use batch / length and the act_* names: the batch is split over every data-parallel axis
 # and the model dimension of activations is never split (FSDP gathers weights, not activations)

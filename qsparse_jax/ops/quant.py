@@ -23,8 +23,6 @@ import jax.numpy as jnp
 from jax import lax
 
 EPS = 1e-5
-
-
 WEIGHT_BITS = ("1.58", "1")
 
 

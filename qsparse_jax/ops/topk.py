@@ -22,11 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 GRADS = ("ste", "masked")
-
-
 RESCALES = ("none", "l2_preserve")
-
-
 _FLOAT_COUNT_MIN = 128  # row length from which counting in float32 is faster (see _rows_topk_mask)
 
 
