@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def sh_prepare(args: list[str]) -> float:
     """Run prepare in a fresh process; returns its MB/s from the summary it prints."""
-    out = subprocess.run([sys.executable, "-m", "qsparse_jax.prepare", *args], cwd=ROOT, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "qsparse_jax", "prepare", *args], cwd=ROOT, capture_output=True,
                          text=True, check=True)
     line = next(ln for ln in out.stdout.splitlines() if "MB of text ->" in ln)
     return float(line.split("(")[1].split(" MB/s")[0])

@@ -1,10 +1,10 @@
 """Scaling-law sweep and ablations for the Q-Sparse reproduction study.
 
     python studies/sweep.py [--grid studies/grid.yaml] [--out studies/runs] [--results studies/results]
-                            [--collect-only] [--only NAME ...]
+                            [--collect_only] [--only NAME ...]
 
 Trains every run of the grid (sizes x sparsities, then the ablation runs) with
-``qsparse_jax.trainer.train``, one directory per run under ``--out``. A run whose directory holds
+``qsparse_jax.train.loop.train``, one directory per run under ``--out``. A run whose directory holds
 ``result.json`` is finished and skipped; an interrupted one resumes from its last checkpoint (the
 trainer does that). Then it writes into ``--results``:
 
@@ -204,7 +204,8 @@ def main(argv=None) -> int:
     p.add_argument("--grid", default=str(REPO / "studies" / "grid.yaml"))
     p.add_argument("--out", default=str(REPO / "studies" / "runs"), help="one directory per run")
     p.add_argument("--results", default=str(REPO / "studies" / "results"))
-    p.add_argument("--collect-only", action="store_true", help="do not train; rebuild the results from finished runs")
+    p.add_argument("--collect_only", "--collect-only", action="store_true",
+                   help="do not train; rebuild the results from finished runs")
     p.add_argument("--only", nargs="*", help="train only these runs")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the fit intervals")
     args = p.parse_args(argv)

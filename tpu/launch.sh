@@ -32,7 +32,8 @@ while [ $# -gt 0 ]; do
     -h|--help) echo "usage: $USAGE"; exit 0 ;;
     --) shift; break ;;
     # train.py's own arguments start TRAIN_ARGS
-    --config|--config=*|--workdir|--workdir=*|--init_from|--init_from=*|--compile_only|--topology|--topology=*) break ;;
+    --config|--config=*|--workdir|--workdir=*|--init_from|--init_from=*|--init-from|--init-from=*) break ;;
+    --compile_only|--compile-only|--topology|--topology=*) break ;;
     --distributed) shift ;;  # always passed
     -*) fail "unknown option $1 (train.py arguments go after --); usage: $USAGE" ;;
     *) break ;;

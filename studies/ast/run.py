@@ -2,11 +2,11 @@
 distillation and SLoRB. Sized for 2 shared CPU cores.
 
     python studies/ast/run.py [--out studies/ast/runs] [--dense_steps 600] [--retrain_steps 250] [--seeds 0 1]
-    python studies/ast/run.py --collect-only     # rebuild studies/ast/results.{json,md} from finished runs
+    python studies/ast/run.py --collect_only     # rebuild studies/ast/results.{json,md} from finished runs
 
 1. ``dense``: the base model (configs/tiny.yaml shrunk to 2 layers of d64, seq 128, no top-K) trained from
    scratch; its validation loss is the target.
-2. one-shot 2:4 of every block linear (``qsparse_jax.prune``): magnitude, Wanda, SparseGPT, 8 calibration
+2. one-shot 2:4 of every block linear (``qsparse_jax.transforms.prune``): magnitude, Wanda, SparseGPT, 8 calibration
    batches (16 k tokens) of the training split.
 3. retraining from the dense checkpoint for the same number of steps, the masks starting as magnitude 2:4
    (the one-shot magnitude model): a fixed mask; AST's adaptive masks (re-chosen from |W| every 10 steps,
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--retrain_steps", type=int, default=250)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--only", nargs="*", help="retraining variants to run (default: all)")
-    p.add_argument("--collect-only", action="store_true")
+    p.add_argument("--collect_only", "--collect-only", action="store_true")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

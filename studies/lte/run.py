@@ -77,7 +77,7 @@ def evaluate(model, batches) -> dict:
     """Validation NLL (nats/byte), FFN sparsity and FFN FLOPs per token (measured on the validation tokens)."""
     import jax
 
-    from qsparse_jax.nn import lte as L
+    from qsparse_jax.nn.lte import ffn_flops_per_token, lte_summary
     from qsparse_jax.nn.model import functional, nll_sum
 
     apply, params = functional(model)
@@ -94,7 +94,7 @@ def evaluate(model, batches) -> dict:
     res = {"val_loss": tot / n}
     ntok = sum(b[:, :-1].size for b in batches)
     if cfg.lte.enabled:
-        summary, hist = L.lte_summary(cfg, acc)
+        summary, hist = lte_summary(cfg, acc)
         res.update(ffn_sparsity=summary["ffn_sparsity"], ffn_flops=summary["ffn_flops_per_token"],
                    active_experts=summary["active_experts"], hist=hist,
                    near_tau=summary["scores_within_0.05_of_tau"])
@@ -103,9 +103,9 @@ def evaluate(model, batches) -> dict:
               "down": float(acc["down"]) / (ntok * cfg.n_layers * cfg.hidden_dim)}
         topk = cfg.sparsity.gate_up > 0 or cfg.sparsity.down > 0
         res.update(ffn_sparsity=(1 - (4 * (1 - sp["gate_up"]) + 2 * (1 - sp["down"])) / 6) if topk else 0.0,
-                   ffn_flops=L.ffn_flops_per_token(cfg, sparsity=sp if topk else None),
+                   ffn_flops=ffn_flops_per_token(cfg, sparsity=sp if topk else None),
                    down_input_zeros=sp["down"])
-    res["dense_ffn_flops"] = L.ffn_flops_per_token(cfg)
+    res["dense_ffn_flops"] = ffn_flops_per_token(cfg)
     return res
 
 
@@ -118,9 +118,9 @@ def hard(model):
 
 def variation(model, tokens) -> dict:
     """Per-layer FFN sparsity and the spread of per-token sparsity (claim: it varies by layer and token)."""
-    from qsparse_jax.nn import lte as L
+    from qsparse_jax.analysis.lte_probes import token_sparsity
 
-    per_tok = L.token_sparsity(hard(model), tokens)  # [layers, tokens]
+    per_tok = token_sparsity(hard(model), tokens)  # [layers, tokens]
     return {"per_layer": [float(x) for x in per_tok.mean(1)], "token_std": [float(x) for x in per_tok.std(1)],
             "token_p10": [float(x) for x in np.percentile(per_tok, 10, axis=1)],
             "token_p90": [float(x) for x in np.percentile(per_tok, 90, axis=1)]}
@@ -128,18 +128,18 @@ def variation(model, tokens) -> dict:
 
 def decode_speed(model, prompt, new_tokens=64, repeats=5) -> dict:
     """Decode tokens/s at batch 1: LTE reading only the selected experts (gather) vs the same weights dense."""
-    from qsparse_jax.nn import lte as L
     from qsparse_jax.infer.generate import generate
+    from qsparse_jax.infer.variants import decode_union, dense_variant, with_execution
     from qsparse_jax.nn.model import functional
 
     out = {}
-    for name, m in (("dense", L.dense_variant(model)), ("lte", L.with_execution(hard(model), "gather")),
-                    ("dense_again", L.dense_variant(model))):
+    for name, m in (("dense", dense_variant(model)), ("lte", with_execution(hard(model), "gather")),
+                    ("dense_again", dense_variant(model))):
         apply, params = functional(m)
         toks, t = generate(apply, params, m.config, prompt, new_tokens, repeats=repeats)
         out[name] = t["tokens_per_s"]
         if name == "lte":
-            out["union"] = L.decode_union(hard(model), toks)
+            out["union"] = decode_union(hard(model), toks)
     out["dense"] = max(out["dense"], out.pop("dense_again"))  # the better of two dense timings (noise)
     out["speedup"] = out["lte"] / out["dense"]
     return out
@@ -174,10 +174,10 @@ def main(argv=None) -> int:
         BASE_STEPS, CONT_STEPS, STAGE1, STAGE2, EVAL_BATCHES = 6, 4, 3, 2, 2
     import jax
 
-    from qsparse_jax.nn import lte as L
     from qsparse_jax.config import LTEConfig
     from qsparse_jax.data.pipeline import load_splits, val_batches
     from qsparse_jax.nn.model import with_config
+    from qsparse_jax.transforms.lte_convert import convert
 
     out, res_dir = Path(args.out), Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
@@ -206,7 +206,7 @@ def main(argv=None) -> int:
         # dense -> experts grouped + routers
         lte0 = out / f"lte0_{act}"
         if not (lte0 / "checkpoints").is_dir():
-            L.convert(str(lte0), ckpt=str(base / "checkpoints"), lte=LTEConfig(enabled=True, expert_size=EXPERT))
+            convert(str(lte0), ckpt=str(base / "checkpoints"), lte=LTEConfig(enabled=True, expert_size=EXPERT))
         sweep = {}
         for eta in ETAS:
             wd = run_train(out, f"lte1_{act}_eta{eta}", CONT + [f"train.steps={STAGE1}", f"model.lte.eta={eta}"],
@@ -226,7 +226,7 @@ def main(argv=None) -> int:
         k = max(1, round(R["lte"]["active_experts"]))
         moe0 = out / f"moe0_{act}"
         if not (moe0 / "checkpoints").is_dir():
-            summary = L.convert(str(moe0), ckpt=str(base / "checkpoints"),
+            summary = convert(str(moe0), ckpt=str(base / "checkpoints"),
                                 lte=LTEConfig(enabled=True, expert_size=EXPERT, mode="moefication", top_k=k))
             (moe0 / "fit.json").write_text(json.dumps(summary))
         moe_model, _ = load(moe0)
