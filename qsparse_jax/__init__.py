@@ -20,6 +20,7 @@ __all__ = list(_EXPORTS)
 
 def __getattr__(name):
     if name in _EXPORTS:
+        # imported on first use: `import qsparse_jax` (and `qsparse prepare`, `qsparse --help`) stays free of JAX
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module 'qsparse_jax' has no attribute {name!r}")
 

@@ -319,3 +319,50 @@ def plot_law(p: LawParams | Fit, out: str, runs=None, sparsities=None, title: st
     plt.close(fig)
     return out
 
+
+
+def fit_report(path: str, n_col: str = "N", s_col: str = "S", loss_col: str = "loss", n_boot: int = 200,
+               level: float = 95.0, seed: int = 0) -> str:
+    """``qsparse scaling-law fit``: fit Eq. 15-16 to the runs of a CSV, with bootstrap intervals and S*."""
+    if n_boot < 0 or not 0 < level < 100:
+        raise ScalingLawError(f"--bootstrap must be >= 0 and --level in (0, 100), got {n_boot} and {level:g}")
+    N, S, L = read_runs(path, n_col, s_col, loss_col)
+    fit = fit_law(N, S, L)
+    boot = bootstrap(N, S, L, n_boot, seed, start=fit) if n_boot else None
+    s_star = optimal_sparsity(fit)
+    line = f"S* = {100 * s_star:.2f} % (total = {1 / (1 - s_star):.3f} × activated)"
+    if boot:
+        lo, hi = percentile_interval([optimal_sparsity(b) for b in boot], level)
+        line += f", {level:g} % interval [{100 * lo:.2f} %, {100 * hi:.2f} %]"
+    return "\n".join([f"L(N, S) = E + (B + C·exp(β/(1−S))) / N^α fitted to {fit.n_runs} runs "
+                      f"(Huber δ={HUBER_DELTA:g} on log-loss; RMS log residual {fit.rms:.4f})",
+                      format_fit(fit, boot, level), line])
+
+
+def optimum_report(p: LawParams, n_active: float = 1e9) -> str:
+    """``qsparse scaling-law optimum``: S* (Eq. 23) for the constants ``p``, checked numerically at ``n_active``."""
+    if not n_active > 0:
+        raise ScalingLawError(f"--n_active must be positive, got {n_active:g}")
+    s_star = optimal_sparsity(p)
+    s_num = optimal_sparsity_numeric(p, n_active)
+    return (f"S* = {100 * s_star:.2f} %  (u* = β/(1−S*) = {optimal_u(p):.6f}; total / activated = "
+            f"{1 / (1 - s_star):.3f})\n"
+            f"direct minimization of Eq. 23 at N_a = {n_active:g}: S = {100 * s_num:.2f} %, "
+            f"loss {float(loss_activated(n_active, s_star, p)):.4f} vs dense {float(loss_activated(n_active, 0.0, p)):.4f}")
+
+
+def plot_runs(out: str, path: str | None = None, columns: tuple[str, str, str] = ("N", "S", "loss"),
+              constants: LawParams | None = None, sparsities=None) -> str:
+    """``qsparse scaling-law plot``: the law (the CSV's fit, unless ``constants`` are given; the paper's
+    when neither) with the CSV's runs as points, to a PNG; returns its path."""
+    runs = read_runs(path, *columns) if path else None
+    if constants is None:
+        law = fit_law(*runs).params if runs is not None else PAPER
+    else:
+        _check_constants(law := constants)
+    if sparsities and any(not 0 <= s < 1 for s in sparsities):
+        raise ScalingLawError(f"--sparsities must be in [0, 1), got {sparsities}")
+    try:
+        return plot_law(law, out, runs, sparsities)
+    except OSError as e:  # e.g. the PNG's directory does not exist
+        raise ScalingLawError(f"{e.filename or out}: {e.strerror}") from None

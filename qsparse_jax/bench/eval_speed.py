@@ -39,13 +39,13 @@ def bench_eval(args) -> int:
     data = write_mc_task(task_dir, make_mc_items(args.items))
     env = {**os.environ, **OFFLINE_ENV, "HF_DATASETS_CACHE": str(work / "hf-datasets")}
     py = sys.executable
-    lm = [py, "-m", "qsparse_jax.lm_eval_backend"]  # lm_eval's own CLI with our backend registered
+    lm = [py, "-m", "qsparse_jax", "lm-eval"]  # lm_eval's own CLI with our backend registered
     common = ["--tasks", "tiny_mc", "--include_path", str(task_dir), "--batch_size", str(args.batch_size)]
     runs = {
-        "ours: eval CLI dense + sparse": [py, "-m", "qsparse_jax.eval", "--hf", str(model_dir), "--mc", str(data),
-                                          "--sparsity", "0.4", "--batch-size", str(args.batch_size), "--stats"],
-        "ours: eval CLI dense": [py, "-m", "qsparse_jax.eval", "--hf", str(model_dir), "--mc", str(data),
-                                 "--batch-size", str(args.batch_size), "--stats"],
+        "ours: eval CLI dense + sparse": [py, "-m", "qsparse_jax", "eval", "--hf", str(model_dir), "--mc", str(data),
+                                          "--sparsity", "0.4", "--batch_size", str(args.batch_size), "--stats"],
+        "ours: eval CLI dense": [py, "-m", "qsparse_jax", "eval", "--hf", str(model_dir), "--mc", str(data),
+                                 "--batch_size", str(args.batch_size), "--stats"],
         "lm_eval --model qsparse_jax": lm + ["--model", "qsparse_jax", "--model_args", f"hf={model_dir}",
                                             "--output_path", str(work / "out-qsparse_jax")] + common,
         "lm_eval --model hf": lm + ["--model", "hf", "--model_args", f"pretrained={model_dir},dtype=float32",

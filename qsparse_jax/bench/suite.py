@@ -1,7 +1,7 @@
 """``qsparse bench all --out DIR [--quick]``: everything a lent accelerator should record, in one call.
 
 On whatever backend JAX finds (GPU, TPU, or the CPU), in this order, each section timed and kept
-within ``--budget-s`` (a section that would start past it is skipped and says so):
+within ``--budget_s`` (a section that would start past it is skipped and says so):
 
 1. **checks** — the Pallas kernels natively (Triton on GPU, Mosaic on TPU; the Pallas interpreter on
    CPU): exact int32 accumulators against the XLA reference and ``qsparse_matmul`` against
@@ -138,7 +138,7 @@ def section_kernels(p: dict) -> dict:
 
 
 def _root() -> Path:
-    return Path(__file__).resolve().parents[1]
+    return Path(__file__).resolve().parents[2]  # the repository (configs/), above qsparse_jax/bench/
 
 
 def _cut_7b(p: dict, config: str, extra=()) -> list[str]:
@@ -247,7 +247,7 @@ def bench_all(args) -> int:
               file=sys.stderr)
         return 2
     if args.budget_s <= 0 or (args.layers is not None and args.layers < 1):
-        print("error: --budget-s and --layers must be positive", file=sys.stderr)
+        print(f"error: --budget_s and --layers must be positive, got {args.budget_s:g} and {args.layers}", file=sys.stderr)
         return 2
     out = Path(args.out)
     try:

@@ -1,129 +1,96 @@
-"""TODO docstring (generate)."""
+"""``qsparse generate``: continue a prompt and time KV-cache decoding of the same weights, sparse vs dense.
+
+``qsparse generate (--hf DIR | --ckpt DIR | --config YAML [key=value ...]) [--prompt TEXT]
+[--max_new_tokens N] [--batch B] [--sparsity S] [--kernels on]``
+
+Prints the continuation, then prefill time and decode tokens/s of the sparse run (the model's own
+sparsity, or ``--sparsity`` / ``--block_size`` on top of it: a Block Q-Sparse model keeps its N:M
+blocks) and of the same weights dense, and their ratio. An LTE model runs reading only its selected
+experts against a dense FFN. ``--config`` decodes randomly initialized weights (speed only);
+``--compile_only`` with ``--config`` compiles decoding without running it (as ``qsparse compile --decode``).
+"""
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 import jax
 import numpy as np
+from flax import nnx
 
 from ..checkpoints.source import load
-from ..config import KERNELS, SparsityConfig, load_config
+from ..config import KERNELS, load_config
 from ..data.tokenizer import make_tokenizer
 from ..errors import ConfigError
-from ..infer.generate import generate
-from ..infer.variants import decode_union, dense_variant, variant, with_execution
-from ..nn.model import Transformer, functional
-from ..train.aot import decode_report, format_decode_report
+from ..infer.generate import decode_runs
+from ..infer.variants import decode_union
+from ..nn.model import Transformer
+from .common import Parser, add_sparsity_options, command, sparsity_options, summary
+from .compile import run_decode
+from .train import add_compile_options, check_compile_options
 
 
 def _load(args):
-    """(model, tokenizer) from --hf / --ckpt (the shared inference loader) or a fresh --config model."""
+    """(model, tokenizer) from --hf / --ckpt (the shared source resolver) or a fresh --config model."""
     if args.config:
-        from flax import nnx
-
-
         cfg = load_config(args.config, args.overrides)
         return Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed)), make_tokenizer(cfg.data.tokenizer)
-
     ld = load(hf=args.hf, ckpt=args.ckpt, tokenizer=args.tokenizer)
     return ld.model, ld.tokenizer
 
 
-def _compile_only(args) -> int:
-
-    try:
-        if not args.config:
-            raise ConfigError("--compile_only needs --config (the model to compile; no weights are read)")
-        if args.batch < 1 or args.prompt_len < 1 or args.max_new_tokens < 2:
-            raise ConfigError("--batch and --prompt_len must be positive and --max-new-tokens at least 2")
-        cfg = load_config(args.config, args.overrides)
-        if args.sparsity is not None:
-            import dataclasses
-
-            cfg = dataclasses.replace(cfg, model=cfg.model.replace(sparsity=SparsityConfig.uniform(args.sparsity)))
-        r = decode_report(cfg, args.topology, args.batch, args.prompt_len, args.max_new_tokens)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_decode_report(r, args.config))
-    return 1 if r["fits"] is False else 0
-
-
+@command()
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m qsparse_jax.generate", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="qsparse generate", description=summary(__doc__))
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--hf", help="HF model directory")
+    src.add_argument("--hf", help="HF model directory (llama / mistral / qwen2 / bitnet)")
     src.add_argument("--ckpt", help="training checkpoint directory (or one step of it)")
     src.add_argument("--config", help="a config YAML: randomly initialized weights (speed only)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (with --config)")
-    p.add_argument("--prompt", default="def fibonacci(n):")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch", type=int, default=1, help="copies of the prompt decoded together")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--sparsity", type=float, default=None, help="uniform top-K sparsity for the sparse run")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--kernels", default="off", choices=KERNELS,
-                   help="1.58-bit models: decode through the packed int8 x ternary kernels (weights packed once)")
-    p.add_argument("--bits", type=float, default=2, choices=[2, 1.6], help="packed weight format with --kernels")
+    p.add_argument("--prompt", default="def fibonacci(n):", help="the text to continue")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="tokens generated after the prompt (default 64)")
+    p.add_argument("--batch", type=int, default=1, help="copies of the prompt decoded together (default 1)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 (default): greedy")
+    add_sparsity_options(p)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs after the compile run; the median is kept")
+    p.add_argument("--kernels", default=None, choices=KERNELS,
+                   help="1.58-bit models: decode through the packed int8 x ternary kernels (weights packed once; "
+                        "default off, with --compile_only the config's model.kernels)")
+    p.add_argument("--bits", type=float, default=2, choices=[2, 1.6], help="packed weight format with --kernels on")
     p.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json (default: the model's)")
     p.add_argument("--compile_only", action="store_true",
-                   help="with --config: compile prefill + KV-cache decode for --topology (or the local devices) "
-                        "and report memory and the compiler's tokens/s; nothing runs")
-    p.add_argument("--topology", help="with --compile_only: a TPU slice, e.g. v5e-8, v5p-128")
+                   help="with --config: compile prefill + KV-cache decoding for --topology (or the local devices) "
+                        "and report memory and the compiler's tokens/s; nothing runs (as qsparse compile --decode)")
     p.add_argument("--prompt_len", type=int, default=128, help="with --compile_only: prompt length in tokens")
+    add_compile_options(p, flag="--compile_only")
     args = p.parse_args(argv)
     if args.compile_only:
-        return _compile_only(args)
-    from absl import logging as absl_logging
-
-
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    try:
-        if args.overrides and not args.config:
-            raise ConfigError("key=value overrides need --config")
-        if args.batch < 1 or args.repeats < 1:
-            raise ConfigError("--batch and --repeats must be positive")
-        model, tok = _load(args)
-        sparse = (SparsityConfig.uniform(args.sparsity) if args.sparsity is not None else model.config.sparsity)
-        ids = tok.encode(args.prompt).astype(np.int32)
-        if len(ids) == 0:
-            raise ConfigError("--prompt is empty after tokenization")
-        prompt = np.tile(ids[None], (args.batch, 1))
-        runs = {"sparse": sparse, "dense": SparsityConfig()} if sparse.enabled else {"dense": SparsityConfig()}
-        models = dict.fromkeys(runs, model)
-        if model.config.lte.enabled:  # LTE: only the selected experts (gather) vs the same weights, dense FFN
-
-            if args.kernels != "off" or args.sparsity is not None:
-                raise ConfigError("an LTE model decodes with its own sparsity and kernels off (no --kernels, --sparsity)")
-            runs = {"lte": sparse, "dense": sparse}
-            models = {"lte": with_execution(model, "gather"), "dense": dense_variant(model)}
-        results = {}
-        for name, sp in runs.items():
-            if model.config.lte.enabled:
-                apply, params = functional(models[name])
-            else:
-                apply, params = variant(model, sp, args.kernels, args.bits)  # validates S, kernels; packs once
-            out, t = generate(apply, params, apply.config, prompt, args.max_new_tokens,
-                              temperature=args.temperature, repeats=args.repeats)
-            results[name] = (out, t)
-    except ConfigError as e:  # DataError, HFError, CheckpointError are ConfigErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    first = next(iter(results))
-    print(f"{args.prompt}{tok.decode(results[first][0][0])}")
-    print(f"\n{'run':<8} {'prefill ms':>11} {'decode tok/s':>13}   (batch {args.batch}, {args.max_new_tokens} new tokens, "
-          f"kernels {args.kernels}, {jax.devices()[0].platform})")
-    for name, (_, t) in results.items():
-        print(f"{name:<8} {t['prefill_s'] * 1e3:>11.2f} {t['tokens_per_s']:>13.1f}")
-    if "lte" in results:
-
-        u = decode_union(model, results["lte"][0])
-        print(f"lte / dense decode speed: {results['lte'][1]['tokens_per_s'] / results['dense'][1]['tokens_per_s']:.3f}x; "
-              f"experts per layer {u['experts']}, selected per token {u['selected_per_token']:.2f}, "
-              f"union read per decode step (batch {args.batch}) {u['union_per_step']:.2f}")
-    elif len(results) == 2:
-        print(f"sparse / dense decode speed: {results['sparse'][1]['tokens_per_s'] / results['dense'][1]['tokens_per_s']:.3f}x")
+        if not args.config:
+            raise ConfigError("--compile_only needs --config (the model to compile; no weights are read)")
+        check_compile_options(args)
+        return run_decode(args, args.config)
+    if args.topology or args.cpu_devices is not None or args.report_json:
+        raise ConfigError("--topology, --cpu_devices and --report_json go with --compile_only")
+    if args.overrides and not args.config:
+        raise ConfigError("key=value overrides need --config")
+    if args.batch < 1:
+        raise ConfigError(f"--batch must be positive, got {args.batch}")
+    args.kernels = args.kernels or "off"
+    model, tok = _load(args)
+    ids = tok.encode(args.prompt).astype(np.int32)
+    prompt = np.tile(ids[None], (args.batch, 1))
+    runs = decode_runs(model, prompt, args.max_new_tokens, kernels=args.kernels, bits=args.bits,
+                       temperature=args.temperature, repeats=args.repeats, **sparsity_options(args))
+    first = next(iter(runs.values()))
+    print(f"{args.prompt}{tok.decode(first.tokens[0])}")
+    print(f"\n{'run':<8} {'prefill ms':>11} {'decode tok/s':>13}   (batch {args.batch}, {args.max_new_tokens} new "
+          f"tokens, kernels {args.kernels}, {jax.devices()[0].platform})")
+    for name, r in runs.items():
+        print(f"{name:<8} {r.timings['prefill_s'] * 1e3:>11.2f} {r.timings['tokens_per_s']:>13.1f}")
+    speed = {name: r.timings["tokens_per_s"] for name, r in runs.items()}
+    if "lte" in runs:
+        u = decode_union(model, runs["lte"].tokens)
+        print(f"lte / dense decode speed: {speed['lte'] / speed['dense']:.3f}x; experts per layer {u['experts']}, "
+              f"selected per token {u['selected_per_token']:.2f}, union read per decode step (batch {args.batch}) "
+              f"{u['union_per_step']:.2f}")
+    elif "sparse" in runs:
+        print(f"sparse / dense decode speed: {speed['sparse'] / speed['dense']:.3f}x")
     return 0
-

@@ -1,39 +1,46 @@
-"""TODO docstring (lte)."""
+"""``qsparse lte``: turn a dense model into an LTE checkpoint (FFN neurons grouped into experts, routers added).
+
+``qsparse lte convert (--ckpt DIR | --hf DIR) WORKDIR [--expert_size 32] [--mode lte|moefication]
+[--top_k K] [--calib_batches 8]``
+
+LTE (Learn-To-be-Efficient) learns which groups of FFN neurons ("experts") each token can skip. The
+conversion groups every FFN's neurons by balanced k-means, permutes the weights so each expert is a
+contiguous slice (the model's function is unchanged) and adds a router per FFN; ``--mode moefication``
+also fits the routers to the dense model on calibration batches (the MoEfication baseline, top-K
+experts per token). The result trains with ``qsparse train --init_from WORKDIR/checkpoints``.
+"""
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 from ..config import LTEConfig
-from ..errors import ConfigError
 from ..transforms.lte_convert import convert
+from .common import Parser, command, summary
 
 
+@command()
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m qsparse_jax.lte", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("convert", help="dense checkpoint / HF model -> LTE checkpoint (grouped, permuted, routers)")
+    p = Parser(prog="qsparse lte", description=summary(__doc__))
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="convert")
+    c = sub.add_parser("convert", help="dense checkpoint / HF model -> LTE checkpoint (grouped, permuted, routers)",
+                       description=summary(__doc__))
     src = c.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt")
-    src.add_argument("--hf")
-    c.add_argument("workdir")
-    c.add_argument("--expert-size", "--expert_size", type=int, default=32)
-    c.add_argument("--mode", choices=("lte", "moefication"), default="lte")
-    c.add_argument("--top-k", "--top_k", type=int, default=None, help="moefication: experts kept per token")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--calib-batches", "--calib_batches", type=int, default=8)
+    src.add_argument("--ckpt", help="training checkpoint directory (or one step of it)")
+    src.add_argument("--hf", help="HF model directory (llama / mistral / qwen2)")
+    c.add_argument("workdir", help="output: WORKDIR/checkpoints/0 and WORKDIR/config.yaml")
+    c.add_argument("--expert_size", type=int, default=32, help="FFN neurons per expert (default 32)")
+    c.add_argument("--mode", choices=("lte", "moefication"), default="lte",
+                   help="lte (routers trained with the model, default) or moefication (routers fit to the dense model)")
+    c.add_argument("--top_k", type=int, default=None, help="moefication: experts kept per token")
+    c.add_argument("--seed", type=int, default=0, help="seed of the k-means grouping (default 0)")
+    c.add_argument("--calib_batches", type=int, default=8, help="moefication: calibration batches (default 8)")
     args = p.parse_args(argv)
-    try:
-        lte = LTEConfig(enabled=True, expert_size=args.expert_size, mode=args.mode, top_k=args.top_k)
-        summary = convert(args.workdir, ckpt=args.ckpt, hf=args.hf, lte=lte, seed=args.seed,
-                          calib_batches=args.calib_batches)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {Path(args.workdir) / 'checkpoints'}: {summary}")
-    print(f"train it: python train.py --config {Path(args.workdir) / 'config.yaml'} --init_from "
-          f"{Path(args.workdir) / 'checkpoints'} --workdir RUN model.lte.eta=...")
+    lte = LTEConfig(enabled=True, expert_size=args.expert_size, mode=args.mode, top_k=args.top_k)
+    summary_ = convert(args.workdir, ckpt=args.ckpt, hf=args.hf, lte=lte, seed=args.seed,
+                       calib_batches=args.calib_batches)
+    ckpts = Path(args.workdir) / "checkpoints"
+    print(f"wrote {ckpts}: {summary_}")
+    print(f"train it: qsparse train --config {Path(args.workdir) / 'config.yaml'} --init_from {ckpts} "
+          f"--workdir RUN model.lte.eta=...")
     return 0
-

@@ -1,20 +1,26 @@
-"""TODO docstring (prepare)."""
+"""``qsparse prepare``: tokenize a corpus once into memory-mapped token shards for training.
+
+``qsparse prepare --source SRC [SRC ...] --tokenizer byte|PATH/tokenizer.json --out DIR [--workers N]
+[--shard_index I --num_shards N] [--val_fraction F] [--text_field F]``
+
+Training then reads ``data.source=DIR`` without tokenizing anything. An interrupted run continues
+where it stopped when started again with the same arguments (finished chunks are kept), and the
+output is byte-identical however often it was interrupted. ``--num_shards N`` splits the work into
+N parts for N machines or processes; the last part to finish (or ``--merge``) writes the manifest.
+This command does not import JAX.
+"""
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
-from pathlib import Path
 
-from ..data.prepare import PrepareArgs, merge, prepare
-from ..errors import DataError
+from ..data.prepare import PrepareArgs, merge_parts, prepare
+from .common import Parser, command, summary
 
 
+@command(interrupted="prepare: interrupted; re-run the same command to continue (finished chunks are kept)")
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m qsparse_jax.prepare",
-                                description="Tokenize a corpus once into memory-mapped token shards for training.")
+    p = Parser(prog="qsparse prepare", description=summary(__doc__))
     p.add_argument("--source", nargs="+", default=[], metavar="SRC",
                    help="stdlib, or files / directories of .txt .md .py .rst, .jsonl[.gz|.zst], .parquet, .arrayrecord")
     p.add_argument("--tokenizer", default="byte", help="byte (default) or a path to a HF tokenizer.json")
@@ -29,25 +35,10 @@ def main(argv=None) -> int:
     p.add_argument("--chunk_mb", type=float, default=256.0, help="input MB per unit of work (and of --num_shards split)")
     p.add_argument("--merge", action="store_true", help="only write manifest.json from the finished parts in --out")
     args = p.parse_args(argv)
-    try:
-        if args.merge:
-            out = Path(args.out)
-            if not (out / "prepare.json").exists():
-                raise DataError(f"--merge: {out} holds no prepare.json (not a prepare output directory)")
-            if merge(out) is None:
-                done = len(list((out / "chunks").glob("c*.json")))
-                n = json.loads((out / "prepare.json").read_text())["chunks"]
-                raise DataError(f"--merge: {out} has {done} of {n} chunks; finish every part first")
-            print(f"prepare: wrote {out / 'manifest.json'}")
-            return 0
-        workers = args.workers if args.workers is not None else 1 if args.tokenizer == "byte" else os.cpu_count() or 1
-        prepare(PrepareArgs(args.source, args.tokenizer, args.out, workers, args.shard_index, args.num_shards,
-                            args.val_fraction, args.text_field, args.shard_tokens, args.chunk_mb))
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\nprepare: interrupted; re-run the same command to continue (finished chunks are kept)", file=sys.stderr)
-        return 130
+    if args.merge:
+        print(f"prepare: wrote {merge_parts(args.out)}")
+        return 0
+    workers = args.workers if args.workers is not None else 1 if args.tokenizer == "byte" else os.cpu_count() or 1
+    prepare(PrepareArgs(args.source, args.tokenizer, args.out, workers, args.shard_index, args.num_shards,
+                        args.val_fraction, args.text_field, args.shard_tokens, args.chunk_mb))
     return 0
-

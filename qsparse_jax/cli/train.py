@@ -1,19 +1,20 @@
-"""TODO docstring (cli)."""
+"""``qsparse train``: train a Q-Sparse / BitNet transformer from a YAML config and ``key=value`` overrides.
+
+``qsparse train --config configs/tiny.yaml --workdir DIR [--init_from CKPT] [--distributed] [key=value ...]``
+(``python train.py`` at the repository root is the same command). The run directory gets metrics,
+TensorBoard logs and checkpoints; an interrupted run resumes from its last checkpoint when started
+again with the same ``--workdir``. ``--compile_only`` compiles the train step instead and reports
+memory and FLOPs (the same as ``qsparse compile``).
+"""
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 from ..config import load_config
 from ..errors import ConfigError
-from ..train.aot import main as compile_main
-from ..train.loop import TrainingError, train
-
-
-def _fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
+from ..train.aot import compile_train
+from ..train.loop import train
+from ..train.topology import simulate_cpu_devices
+from .common import Parser, command, fail, summary
 
 
 def _init_distributed():
@@ -29,52 +30,48 @@ def _init_distributed():
         jax.distributed.initialize()
 
 
-def train_main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="train.py", description="Train a Q-Sparse / BitNet transformer.")
-    p.add_argument("--config", help="YAML config (configs/*.yaml); defaults when omitted")
+def add_compile_options(p: Parser, *, flag: str = "") -> None:
+    """``--topology`` / ``--cpu_devices`` / ``--report_json`` (shared with ``qsparse compile``)."""
+    w = f"with {flag}: " if flag else ""
+    p.add_argument("--topology", help=f"{w}a TPU slice to compile for, e.g. v5p-128, v5e-256, v6e-64 (needs libtpu)")
+    p.add_argument("--cpu_devices", type=int, help=f"{w}N simulated CPU devices (instead of --topology)")
+    p.add_argument("--report_json", help=f"{w}also write the report here as JSON")
+
+
+def check_compile_options(args) -> None:
+    if args.cpu_devices is not None:
+        if args.topology:
+            raise ConfigError("--cpu_devices and --topology exclude each other")
+        simulate_cpu_devices(args.cpu_devices)  # before JAX starts its backends
+
+
+@command()
+def main(argv=None, prog: str = "qsparse train") -> int:
+    p = Parser(prog=prog, description=summary(__doc__))
+    p.add_argument("--config", help="YAML config (configs/*.yaml); the defaults when omitted")
     p.add_argument("--workdir", help="run directory: metrics, tensorboard, checkpoints (required unless --compile_only)")
     p.add_argument("--init_from", help="start from this checkpoint's parameters (continued training)")
     p.add_argument("--distributed", action="store_true",
                    help="multi-host: call jax.distributed.initialize() (TPU pods and SLURM/GPU clusters detect "
                         "their peers; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
     p.add_argument("--compile_only", action="store_true",
-                   help="compile the train step ahead of time and report memory / FLOPs / fit; train nothing")
-    p.add_argument("--topology", help="with --compile_only: a TPU slice to compile for, e.g. v5p-128, v5e-256, v6e-64")
-    p.add_argument("--cpu_devices", type=int, help="with --compile_only: N simulated CPU devices (no --topology)")
-    p.add_argument("--report_json", help="with --compile_only: also write the report here as JSON")
+                   help="compile the train step ahead of time and report memory / FLOPs / fit; train nothing "
+                        "(the same as qsparse compile)")
+    add_compile_options(p, flag="--compile_only")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-3")
     args = p.parse_args(argv)
-    if not args.compile_only and (args.topology or args.cpu_devices or args.report_json):
-        return _fail("--topology, --cpu_devices and --report_json go with --compile_only")
+    if not args.compile_only and (args.topology or args.cpu_devices is not None or args.report_json):
+        return fail("--topology, --cpu_devices and --report_json go with --compile_only")
     if not args.compile_only and not args.workdir:
-        return _fail("--workdir is required (the run directory), unless --compile_only")
-    if args.cpu_devices is not None:
-        if args.topology or args.cpu_devices < 1:
-            return _fail("--cpu_devices takes a positive count and no --topology")
-        import os
-
-        os.environ["JAX_PLATFORMS"] = "cpu"  # must be set before JAX starts: simulate the devices on the host
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                   + f" --xla_force_host_platform_device_count={args.cpu_devices}").strip()
-
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's INFO/WARNING chatter is not for users
-
+        return fail("--workdir is required (the run directory), unless --compile_only")
+    if args.compile_only:
+        check_compile_options(args)
     if args.distributed:
         _init_distributed()
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.compile_only:
-
-            return compile_main(cfg, args.topology, args.config or "(defaults)", args.report_json)
-        metrics = train(cfg, args.workdir, init_from=args.init_from)
-    except (ConfigError, TrainingError) as e:  # DataError is a ConfigError
-        return _fail(str(e))
-    except KeyboardInterrupt:
-        return _fail("interrupted")
+    cfg = load_config(args.config, args.overrides)
+    if args.compile_only:
+        return compile_train(cfg, args.topology, args.config or "(defaults)", args.report_json)
+    metrics = train(cfg, args.workdir, init_from=args.init_from)
     if metrics.get("val_loss") is not None:
         print(f"done: final validation loss {metrics['val_loss']:.4f}")
     return 0
-

@@ -367,3 +367,16 @@ def prepare(a: PrepareArgs) -> dict:
               f"manifest.json, or run --merge after copying the parts together)", flush=True)
     return {**summary, "manifest": manifest}
 
+
+
+def merge_parts(out: str | Path) -> Path:
+    """``qsparse prepare --merge``: write ``OUT/manifest.json`` from the finished parts in ``out``;
+    a one-line ``DataError`` when ``out`` is no prepare output or a part is unfinished."""
+    out = Path(out)
+    if not (out / "prepare.json").exists():
+        raise DataError(f"--merge: {out} holds no prepare.json (not a prepare output directory)")
+    if merge(out) is None:
+        done = len(list((out / "chunks").glob("c*.json")))
+        n = json.loads((out / "prepare.json").read_text())["chunks"]
+        raise DataError(f"--merge: {out} has {done} of {n} chunks; finish every part first")
+    return out / "manifest.json"

@@ -29,6 +29,7 @@ and sparse columns reuse the same tokenized, bucketed, device-resident batches.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,10 +39,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import DataConfig
+from ..config import DataConfig, SparsityConfig
 from ..data.pipeline import iter_documents
 from ..errors import ConfigError, DataError
 from ..nn.sharding import batch_sharding
+from .variants import sparsity_config, variant
 
 GROUPS = ("qkv", "out", "gate_up", "down")
 
@@ -273,3 +275,51 @@ def ppl_requests(tok, docs: list[str], prefix_id: int, max_length: int) -> tuple
         n_bytes += len(d.encode("utf-8"))
     return pairs, n_tok, n_bytes
 
+
+
+def evaluate(ld, *, docs: list[str] | None = None, mc_items: list[dict] | None = None, seq_len: int | None = None,
+             batch_size: int = 32, kernels: str = "off", sparsity: float | None = None, block_size: int | None = None,
+             **groups: float | None) -> tuple[dict[str, dict], list[dict]]:
+    """``qsparse eval`` on a loaded model (``checkpoints.source.load``'s result): perplexity of ``docs``
+    and / or multiple-choice metrics of ``mc_items``, in a dense column and, when the model or the options
+    are sparse (``variants.sparsity_config``: unset options keep the model's own), a sparse one. Every
+    column scores the same tokenized, bucketed, device-resident batches. Returns ``({column: metrics},
+    [stats per column: compiles, compile_s, score_s, buckets]``)."""
+    if docs is None and mc_items is None:
+        raise ConfigError("give --ppl FILE and/or --mc FILE")
+    if batch_size < 1:
+        raise ConfigError(f"--batch_size must be positive, got {batch_size}")
+    model, tok = ld.model, ld.tokenizer
+    max_len = min(seq_len or model.config.max_seq_len, model.config.max_seq_len)
+    sparse = sparsity_config(sparsity, default=model.config.sparsity, block_size=block_size, **groups)
+    model.config.replace(sparsity=sparse)  # validates S and the block size against this model
+    columns = {"dense": SparsityConfig()}
+    if sparse.enabled:
+        columns[f"sparse (S={max(getattr(sparse, g) for g in GROUPS):g}"
+                f"{f', {sparse.block_size}-blocks' if sparse.block_size else ''})"] = sparse
+    # tokenize and lay out once; every column scores the same device-resident batches
+    widths = []
+    if mc_items is not None:
+        mc_pairs = mc_requests(tok.encode, mc_items, ld.prefix_id)
+        mc_batches = make_batches(mc_pairs, max_len, batch_size, ld.mesh)
+        widths += mc_batches.widths
+    if docs is not None:
+        ppl_pairs, n_tok, n_bytes = ppl_requests(tok, docs, ld.prefix_id, max_len)
+        ppl_batches = make_batches(ppl_pairs, max_len, batch_size, ld.mesh)
+        widths += ppl_batches.widths
+    rows, stats = {}, []
+    for name, sp in columns.items():
+        t0 = time.perf_counter()
+        scorer = Scorer(*variant(model, sp, kernels))
+        r = {}
+        if docs is not None:
+            ll, _ = scorer(ppl_batches, desc=f"{name}: perplexity")
+            r["perplexity"] = math.exp(-ll.sum() / n_tok)
+            r["bits_per_byte"] = -ll.sum() / (n_bytes * math.log(2))
+        if mc_items is not None:
+            ll, _ = scorer(mc_batches, desc=f"{name}: multiple choice")
+            r.update(mc_metrics(mc_items, ll, [len(c) for _, c in mc_pairs]))
+        rows[name] = r
+        stats.append({"column": name, "compiles": scorer.compiles, "compile_s": scorer.compile_s,
+                      "score_s": time.perf_counter() - t0, "buckets": len(set(widths))})
+    return rows, stats

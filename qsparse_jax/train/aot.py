@@ -1,6 +1,6 @@
 """Compile the real train step ahead of time for a TPU slice (or these devices) and report whether it fits.
 
-``python train.py --config C --compile_only [--topology v5p-128] [--cpu_devices N] [key=value ...]``
+``qsparse compile --config C [--topology v5p-128 | --cpu_devices N] [key=value ...]`` (or ``train.py --compile_only``)
 
 The state is abstract (``trainer.abstract_setup``: shapes and shardings, nothing allocated) and the
 step is the one training runs (``trainer.make_train_step``: same shardings, donation, remat, scan,
@@ -27,6 +27,7 @@ import numpy as np
 
 from ..config import Config
 from ..nn.decode import make_generate
+from ..nn.layers import pack_for_inference
 from ..nn.model import Transformer
 from ..nn.sharding import activation_sharding, make_mesh, state_shardings
 from .metrics import flops_per_token
@@ -174,8 +175,9 @@ def shortfall(r: dict) -> str:
             f"{(need - have) / GIB:,.1f} GiB: lower data.batch_size, raise mesh.fsdp / mesh.tensor, or set model.remat=full")
 
 
-def main(cfg: Config, topology: str | None, config_name: str, json_out: str | None = None) -> int:
-    """CLI body: print the report; exit 1 with the shortfall when it does not fit."""
+def compile_train(cfg: Config, topology: str | None, config_name: str, json_out: str | None = None) -> int:
+    """``qsparse compile``: print the train step's report (and write it to ``json_out``); status 1 with
+    the shortfall on stderr when it does not fit."""
     import sys
 
     r = report(cfg, topology)
@@ -190,9 +192,10 @@ def main(cfg: Config, topology: str | None, config_name: str, json_out: str | No
 
 
 def decode_report(cfg: Config, topology: str | None = None, batch: int = 1, prompt_len: int = 128,
-                  new_tokens: int = 128, margin: float = 0.10, devices=None) -> dict:
+                  new_tokens: int = 128, margin: float = 0.10, devices=None, bits: float = 2) -> dict:
     """Compile ``generate``'s prefill and KV-cache decode loop for ``topology`` with the parameters
-    sharded by the rules table; report memory per device and the compiler's per-token time."""
+    sharded by the rules table; report memory per device and the compiler's per-token time. With
+    ``model.kernels`` on, the ternary weights are packed (``bits``: 2 or 1.6) as decoding reads them."""
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -202,9 +205,14 @@ def decode_report(cfg: Config, topology: str | None = None, batch: int = 1, prom
         devices = list(devices if devices is not None else jax.devices())
         chip = chip_of(devices[0])
     mesh = make_mesh(cfg.mesh, devices)
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
+    build = lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))
+    if cfg.model.kernels != "off":
+        build = lambda: pack_for_inference(Transformer(cfg.model, rngs=nnx.Rngs(0)), bits)
+    graphdef, params = nnx.split(nnx.eval_shape(build))
     shardings = state_shardings(params, mesh)
-    params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), params, shardings)
+    # the shardings are a prefix of the parameters: a packed ternary weight (data, scale) has one sharding
+    params = jax.tree.map(lambda sh, a: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), a),
+                          shardings, params)
     apply = lambda p, tokens, **kw: nnx.merge(graphdef, p)(tokens, **kw)
     prefill, decode = make_generate(apply, cfg.model, batch, prompt_len, new_tokens)
     rep = NamedSharding(mesh, PartitionSpec())

@@ -113,3 +113,17 @@ def tpu_devices(name: str) -> tuple[list, Chip]:
         raise ConfigError(f"libtpu described {len(devices)} devices for {name}, expected {n}")
     return devices, chip
 
+
+
+def simulate_cpu_devices(n: int) -> None:
+    """Run this process on ``n`` simulated CPU devices (compiling a sharded step without accelerators).
+    Must be called before JAX starts its backends (before the first array or ``jax.devices()``)."""
+    import jax
+
+    if n < 1:
+        raise ConfigError(f"--cpu_devices takes a positive count, got {n}")
+    try:
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError as e:  # the backends already started
+        raise ConfigError(f"cannot simulate {n} CPU devices: {str(e).splitlines()[0]}") from None

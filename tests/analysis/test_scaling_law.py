@@ -3,11 +3,13 @@
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from qsparse_jax.analysis import scaling_law as sl
+from qsparse_jax.cli.scaling_law import main as scaling_law_main
 
 # Constants every one of which moves the loss visibly over the synthetic grid below.
 TRUE = sl.LawParams(E=1.7, B=0.4, C=1.5, alpha=0.2, beta=0.3)
@@ -148,7 +150,7 @@ def test_plot_writes_a_small_png_with_the_runs(tmp_path, fitted):
 
 def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    assert sl.main(["plot", "--out", str(tmp_path / "x.png")]) == 2
+    assert scaling_law_main(["plot", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pip install" in err and "matplotlib" in err
 
@@ -156,10 +158,10 @@ def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch, c
 # --- command line -------------------------------------------------------------------------------------
 
 def test_cli_optimum_prints_both_paper_facts(capsys):
-    assert sl.main(["optimum"]) == 0
+    assert scaling_law_main(["optimum"]) == 0
     out = capsys.readouterr().out
     assert "S* = 50.24 %" in out and "S = 50.24 %" in out  # first-order condition and direct minimization
-    assert sl.main(["optimum", "--beta", "0.0547"]) == 0
+    assert scaling_law_main(["optimum", "--beta", "0.0547"]) == 0
     out = capsys.readouterr().out
     assert "S* = 45.56 %" in out and "total / activated = 1.837" in out
 
@@ -167,7 +169,7 @@ def test_cli_optimum_prints_both_paper_facts(capsys):
 def test_cli_fit_prints_constants_with_intervals(tmp_path, capsys):
     N, S, L = synthetic_runs()
     path = write_csv(tmp_path / "runs.csv", zip(N, S, L), header="N,S,loss")
-    assert sl.main(["fit", path, "--bootstrap", "3"]) == 0
+    assert scaling_law_main(["fit", "--csv", path, "--bootstrap", "3"]) == 0
     out = capsys.readouterr().out
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
     assert set(sl.NAMES) <= set(rows) and "95 % interval" in out and "S* = " in out
@@ -177,7 +179,7 @@ def test_cli_fit_prints_constants_with_intervals(tmp_path, capsys):
 def test_cli_fit_reads_named_columns(tmp_path, capsys):
     N, S, L = synthetic_runs()
     path = write_csv(tmp_path / "runs.csv", [(1, n, s, l) for n, s, l in zip(N, S, L)], header="run,params,sp,val")
-    assert sl.main(["fit", path, "--n-col", "params", "--s-col", "sp", "--loss-col", "val", "--bootstrap", "0"]) == 0
+    assert scaling_law_main(["fit", "--csv", path, "--n_col", "params", "--s_col", "sp", "--loss_col", "val", "--bootstrap", "0"]) == 0
     assert "S* = " in capsys.readouterr().out
 
 
@@ -185,8 +187,8 @@ def test_cli_plot_from_csv_and_from_constants(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     N, S, L = synthetic_runs()
     path = write_csv(tmp_path / "runs.csv", zip(N, S, L))
-    assert sl.main(["plot", "--csv", path, "--out", str(tmp_path / "a.png")]) == 0
-    assert sl.main(["plot", "--out", str(tmp_path / "b.png"), "--sparsities", "0", "0.5", "--beta", "0.0547"]) == 0
+    assert scaling_law_main(["plot", "--csv", path, "--out", str(tmp_path / "a.png")]) == 0
+    assert scaling_law_main(["plot", "--out", str(tmp_path / "b.png"), "--sparsities", "0", "0.5", "--beta", "0.0547"]) == 0
     for name in ("a.png", "b.png"):
         assert 0 < (tmp_path / name).stat().st_size < 200_000
     assert "wrote" in capsys.readouterr().out
@@ -196,13 +198,13 @@ def _bad_inputs(tmp_path):
     N, S, L = synthetic_runs()
     good = list(zip(N, S, L))
     return {
-        "missing file": (["fit", str(tmp_path / "nope.csv")], "cannot read"),
-        "missing column": (["fit", write_csv(tmp_path / "a.csv", good, "N,S,val")], "missing column 'loss'"),
-        "non-numeric": (["fit", write_csv(tmp_path / "b.csv", good[:3] + [(1e6, 0.3, "nan?")] + good[4:])],
+        "missing file": (["fit", "--csv", str(tmp_path / "nope.csv")], "cannot read"),
+        "missing column": (["fit", "--csv", write_csv(tmp_path / "a.csv", good, "N,S,val")], "missing column 'loss'"),
+        "non-numeric": (["fit", "--csv", write_csv(tmp_path / "b.csv", good[:3] + [(1e6, 0.3, "nan?")] + good[4:])],
                         "b.csv:5: column 'loss' is not a number"),
-        "S outside [0, 1)": (["fit", write_csv(tmp_path / "c.csv", good[:-1] + [(1e6, 1.0, 2.0)])], "S must be in [0, 1)"),
-        "too few runs": (["fit", write_csv(tmp_path / "d.csv", good[:4])], "too few runs"),
-        "unknown option": (["fit", "x.csv", "--bogus"], "unrecognized arguments: --bogus"),
+        "S outside [0, 1)": (["fit", "--csv", write_csv(tmp_path / "c.csv", good[:-1] + [(1e6, 1.0, 2.0)])], "S must be in [0, 1)"),
+        "too few runs": (["fit", "--csv", write_csv(tmp_path / "d.csv", good[:4])], "too few runs"),
+        "unknown option": (["fit", "--csv", "x.csv", "--bogus"], "unrecognized arguments: --bogus"),
         "unknown subcommand": (["refit"], "invalid choice"),
         "bad constants": (["optimum", "--alpha", "0"], "alpha > 0"),
         "plot bad S": (["plot", "--out", str(tmp_path / "p.png"), "--sparsities", "1.2"], "--sparsities must be in"),
@@ -214,7 +216,7 @@ def _bad_inputs(tmp_path):
 def test_cli_bad_input_is_one_line_and_exit_2(case, tmp_path, capsys):
     argv, msg = _bad_inputs(tmp_path)[case]
     try:
-        rc = sl.main(argv)
+        rc = scaling_law_main(argv)
     except SystemExit as e:  # argparse's errors leave through sys.exit
         rc = e.code
     err = capsys.readouterr().err.strip()
@@ -222,7 +224,8 @@ def test_cli_bad_input_is_one_line_and_exit_2(case, tmp_path, capsys):
 
 
 def test_cli_module_entry_point_exits_2_without_traceback(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "qsparse_jax.scaling_law", "fit", str(tmp_path / "missing.csv")],
+    qsparse = str(Path(sys.executable).with_name("qsparse"))  # the console script, as a user runs it
+    out = subprocess.run([qsparse, "scaling-law", "fit", "--csv", str(tmp_path / "missing.csv")],
                          capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.strip() == f"error: cannot read {tmp_path / 'missing.csv'}: " \
                                                          "No such file or directory"

@@ -1,4 +1,4 @@
-"""``python -m qsparse_jax.bench all --quick``: the one-call accelerator benchmark runs end to end on the CPU
+"""``qsparse bench all --quick``: the one-call accelerator benchmark runs end to end on the CPU
 (a smoke test; on a GPU / TPU the same command without --quick records benchmarks/RESULTS.md's rows)."""
 
 import json
@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def bench(*args):
-    return subprocess.run([sys.executable, "-m", "qsparse_jax.bench", "all", *args], cwd=ROOT, capture_output=True,
+    qsparse = str(Path(sys.executable).with_name("qsparse"))  # the console script, as a user runs it
+    return subprocess.run([qsparse, "bench", "all", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
 
 
@@ -32,7 +33,7 @@ def test_quick_run_writes_the_markdown_and_json_report(tmp_path):
 
 
 def test_budget_skips_later_sections_and_mistakes_exit_2(tmp_path):
-    p = bench("--quick", "--out", str(tmp_path / "r"), "--sections", "kernels,step", "--budget-s", "0.001")
+    p = bench("--quick", "--out", str(tmp_path / "r"), "--sections", "kernels,step", "--budget_s", "0.001")
     assert p.returncode == 0, p.stderr[-3000:]
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
     assert "rows" in rep["sections"]["kernels"] and "budget" in rep["sections"]["step"]["skipped"]

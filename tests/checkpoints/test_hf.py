@@ -172,20 +172,21 @@ def test_import_continue_train_with_q_sparse_export_and_reload(tmp_path):
     for i in range(8):
         (corpus / f"{i}.txt").write_text(f"continued training document {i} " * 40)
 
-    def py(*args):
-        out = subprocess.run([sys.executable, *args], cwd=root, capture_output=True, text=True, timeout=600)
+    def qsparse(*args):  # the console script, as a user runs it
+        out = subprocess.run([str(Path(sys.executable).with_name("qsparse")), *args], cwd=root, capture_output=True,
+                             text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
         return out
 
-    py("-m", "qsparse_jax.convert", "import-hf", str(tmp_path / "hf"), str(tmp_path / "imported"))
+    qsparse("import-hf", str(tmp_path / "hf"), str(tmp_path / "imported"))
     keep60 = [f"model.sparsity.{g}=0.4" for g in ("qkv", "out", "gate_up", "down")]
-    py("train.py", "--config", str(tmp_path / "imported" / "config.yaml"), "--workdir", str(tmp_path / "run"),
-       "--init_from", str(tmp_path / "imported" / "checkpoints"), f"data.source={corpus}", "data.seq_len=32",
-       "data.batch_size=4", "train.steps=3", "train.log_every=1", "train.eval_every=3", "train.eval_batches=1",
-       "optim.lr=1e-3", "optim.warmup_steps=0", *keep60)
+    qsparse("train", "--config", str(tmp_path / "imported" / "config.yaml"), "--workdir", str(tmp_path / "run"),
+            "--init_from", str(tmp_path / "imported" / "checkpoints"), f"data.source={corpus}", "data.seq_len=32",
+            "data.batch_size=4", "train.steps=3", "train.log_every=1", "train.eval_every=3", "train.eval_batches=1",
+            "optim.lr=1e-3", "optim.warmup_steps=0", *keep60)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert rows[-1]["sparsity"]["qkv"] == pytest.approx(1 - int(0.6 * 64) / 64)
-    py("-m", "qsparse_jax.convert", "export-hf", str(tmp_path / "run" / "checkpoints"), str(tmp_path / "out"))
+    qsparse("export-hf", str(tmp_path / "run" / "checkpoints"), str(tmp_path / "out"))
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").float()
     ours = load_pretrained(tmp_path / "out")
     tokens = np.random.default_rng(1).integers(0, 256, (2, 9))
@@ -201,9 +202,11 @@ def test_import_continue_train_with_q_sparse_export_and_reload(tmp_path):
 def test_convert_cli_errors_are_one_line(tmp_path, args, msg):
     import subprocess
     import sys
+    from pathlib import Path
 
     args = [a if a not in ("W", "D") else str(tmp_path / a) for a in args]
-    out = subprocess.run([sys.executable, "-m", "qsparse_jax.convert", *args], capture_output=True, text=True, timeout=120)
+    qsparse = str(Path(sys.executable).with_name("qsparse"))  # the console script, as a user runs it
+    out = subprocess.run([qsparse, *args], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.strip() == msg
 
 

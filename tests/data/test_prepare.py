@@ -19,6 +19,7 @@ from qsparse_jax.cli.prepare import main as prepare_main
 from qsparse_jax.data.shards import ShardedTokens
 
 ROOT = Path(__file__).resolve().parents[2]
+QSPARSE = str(Path(sys.executable).with_name("qsparse"))  # the console script, as a user runs it
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
 
 
@@ -130,7 +131,7 @@ def test_killed_prepare_rerun_gives_byte_identical_shards(tmp_path, corpus):
             "--workers", 1]
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     assert _prepare(*args, "--out", clean) == 0
-    proc = subprocess.Popen([sys.executable, "-m", "qsparse_jax.prepare", *map(str, args), "--out", str(killed)],
+    proc = subprocess.Popen([QSPARSE, "prepare", *map(str, args), "--out", str(killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     deadline = time.time() + 60
     while not (killed / "chunks").is_dir() or not any((killed / "chunks").glob("*.json")):
@@ -151,7 +152,7 @@ def test_two_parts_in_two_processes_give_the_one_process_dataset(tmp_path, corpu
     one, two = tmp_path / "one", tmp_path / "two"
     common = ["--source", str(corpus), "--chunk_mb", 0.1, "--shard_tokens", 50_000]
     assert _prepare(*common, "--out", one) == 0
-    procs = [subprocess.Popen([sys.executable, "-m", "qsparse_jax.prepare", *map(str, common), "--out", str(two),
+    procs = [subprocess.Popen([QSPARSE, "prepare", *map(str, common), "--out", str(two),
                                "--shard_index", str(i), "--num_shards", "2"], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     for p in procs:
@@ -261,7 +262,7 @@ def test_bad_prepare_inputs_exit_2_with_one_line(tmp_path, corpus, capsys):
 
 
 def test_bad_prepared_corpora_are_one_line_errors_in_training(tmp_path, corpus, capsys):
-    from qsparse_jax.cli.train import train_main
+    from qsparse_jax.cli.train import main as train_main
 
     out = tmp_path / "p"
     assert _prepare("--source", corpus, "--out", out, "--shard_tokens", 100_000) == 0

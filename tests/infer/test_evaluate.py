@@ -147,7 +147,7 @@ def test_eval_cli_perplexity_and_multiple_choice_dense_vs_sparse(byte_llama, tmp
              {"context": "", "choices": ["yes", "no"], "label": 0, "target_delimiter": ""}]
     (tmp_path / "mc.jsonl").write_text("\n".join(map(json.dumps, items)))
     code, out, err = _run(capsys, ["--hf", str(path), "--ppl", str(tmp_path / "text.txt"), "--mc",
-                                   str(tmp_path / "mc.jsonl"), "--sparsity", "0.4", "--seq-len", "64", "--stats"])
+                                   str(tmp_path / "mc.jsonl"), "--sparsity", "0.4", "--seq_len", "64", "--stats"])
     assert code == 0, err
     rows = json.loads(out.strip().splitlines()[-1])
     dense, sparse = rows["dense"], rows["sparse (S=0.4)"]

@@ -55,10 +55,11 @@ def test_greedy_generation_equals_argmax_recomputed_from_scratch():
 
 def test_generate_cli_prints_dense_vs_sparse_speed(tmp_path):
     root = Path(__file__).resolve().parents[2]
-    args = [sys.executable, "-m", "qsparse_jax.generate", "--config", "configs/tiny.yaml", "model.dim=64",
-            "model.n_layers=2", "model.hidden_dim=128", "--max-new-tokens", "8", "--repeats", "1", "--batch", "2"]
+    qsparse = str(Path(sys.executable).with_name("qsparse"))  # the console script, as a user runs it
+    args = [qsparse, "generate", "--config", "configs/tiny.yaml", "model.dim=64",
+            "model.n_layers=2", "model.hidden_dim=128", "--max_new_tokens", "8", "--repeats", "1", "--batch", "2"]
     out = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "sparse / dense decode speed:" in out.stdout and "decode tok/s" in out.stdout
-    bad = subprocess.run(args[:5] + ["--max-new-tokens", "5000"], cwd=root, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(args[:5] + ["--max_new_tokens", "5000"], cwd=root, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "exceed model.max_seq_len" in bad.stderr

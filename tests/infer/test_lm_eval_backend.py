@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 import lm_eval  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-import qsparse_jax.lm_eval_backend  # noqa: E402,F401  (registers "qsparse_jax")
+import qsparse_jax.infer.lm_eval_backend  # noqa: E402,F401  (registers "qsparse_jax")
 from qsparse_jax.testing import fixtures as bench_eval
 from qsparse_jax.cli.eval import main as eval_main
 
@@ -169,4 +169,4 @@ def test_backend_user_errors_are_one_line(setup, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == ("error: unknown --model_args key(s) spasity for qsparse_jax; known: "
-                       + ", ".join(qsparse_jax.lm_eval_backend.MODEL_ARGS))
+                       + ", ".join(qsparse_jax.infer.lm_eval_backend.MODEL_ARGS))

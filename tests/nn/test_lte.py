@@ -1,5 +1,6 @@
-"""LTE (lte.py): experts, the permutation, stage 1 / stage 2 / MoEfication routing, the expert-gather
-path, frozen routers, the efficiency loss's control of sparsity, dense → LTE conversion."""
+"""LTE (nn/lte.py; ops/experts.py, transforms/lte_convert.py, train/methods/lte.py): experts, the permutation,
+stage 1 / stage 2 / MoEfication routing, the expert-gather path, frozen routers, the efficiency loss's control of
+sparsity, dense → LTE conversion."""
 
 import dataclasses
 import json
@@ -11,10 +12,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from qsparse_jax.nn import lte as L
-from qsparse_jax.errors import ConfigError
+from qsparse_jax.analysis.lte_probes import layer_sparsity
 from qsparse_jax.config import LTEConfig, ModelConfig, load_config
+from qsparse_jax.errors import ConfigError
+from qsparse_jax.infer.variants import dense_variant, with_execution
+from qsparse_jax.nn.lte import LTEFeedForward, ffn_flops_per_token, lte_summary
 from qsparse_jax.nn.model import Transformer, with_config
+from qsparse_jax.ops.experts import balanced_kmeans, experts_of, group_experts
+from qsparse_jax.transforms.lte_convert import convert, permute_model_params, to_lte, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(dim=32, hidden_dim=128, n_layers=2, n_heads=2, vocab_size=256, max_seq_len=64)
@@ -26,18 +31,18 @@ def tokens(b=2, s=16, seed=1):
 
 def test_every_neuron_in_exactly_one_expert_and_experts_equal_size():
     w = np.random.default_rng(0).normal(size=(24, 192)).astype(np.float32)
-    perm = L.group_experts(w, 16, seed=3)
-    experts = L.experts_of(perm, 16)
+    perm = group_experts(w, 16, seed=3)
+    experts = experts_of(perm, 16)
     assert experts.shape == (12, 16)
     assert sorted(experts.reshape(-1).tolist()) == list(range(192))  # a permutation: each neuron once
-    labels = L.balanced_kmeans(w.T, 12)
+    labels = balanced_kmeans(w.T, 12)
     assert np.bincount(labels, minlength=12).tolist() == [16] * 12
     # planted clusters (4 directions, 32 noisy copies each, shuffled) are recovered exactly
     rng = np.random.default_rng(1)
     centres = rng.normal(size=(4, 24))
     truth = rng.permutation(np.repeat(np.arange(4), 32))
     planted = centres[truth] + 0.05 * rng.normal(size=(128, 24))
-    found = L.balanced_kmeans(planted, 4, seed=0)
+    found = balanced_kmeans(planted, 4, seed=0)
     assert all(len(set(found[truth == c])) == 1 for c in range(4))
 
 
@@ -51,20 +56,20 @@ def test_permutation_leaves_the_model_unchanged(activation, scan, subln):
     pure = nnx.to_pure_dict(nnx.state(model))
     perms = [np.random.default_rng(l).permutation(cfg.hidden_dim) for l in range(cfg.n_layers)]
     state = nnx.state(model)
-    nnx.replace_by_pure_dict(state, L.permute_model_params(pure, perms, scan))
+    nnx.replace_by_pure_dict(state, permute_model_params(pure, perms, scan))
     permuted = nnx.merge(nnx.graphdef(model), state)
     np.testing.assert_allclose(permuted(t), ref, atol=2e-5, rtol=1e-5)
     # grouped + permuted into an LTE model that keeps every expert (top-k = E): same function again
     E = cfg.hidden_dim // 16
-    lte_model, perms = L.to_lte(model, LTEConfig(enabled=True, expert_size=16, mode="moefication", top_k=E))
+    lte_model, perms = to_lte(model, LTEConfig(enabled=True, expert_size=16, mode="moefication", top_k=E))
     assert all(sorted(p.tolist()) == list(range(cfg.hidden_dim)) for p in perms)
     np.testing.assert_allclose(lte_model(t), ref, atol=2e-5, rtol=1e-5)
-    np.testing.assert_allclose(L.dense_variant(lte_model)(t), ref, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(dense_variant(lte_model)(t), ref, atol=2e-5, rtol=1e-5)
 
 
 def _ffn(activation="relu2", **lte):
     cfg = ModelConfig(**TINY, activation=activation, lte=LTEConfig(enabled=True, expert_size=16, **lte))
-    return L.LTEFeedForward(cfg, rngs=nnx.Rngs(0)), cfg
+    return LTEFeedForward(cfg, rngs=nnx.Rngs(0)), cfg
 
 
 def _restricted_dense(ffn, x, sel):
@@ -105,7 +110,7 @@ def test_expert_gather_path_equals_the_masked_dense_computation(mode):
     ffn, cfg = _ffn("silu", **kw)
     ffn.router[...] = ffn.router[...] * 50
     gcfg = cfg.replace(lte=dataclasses.replace(cfg.lte, execution="gather"))
-    gathered = L.LTEFeedForward(gcfg, rngs=nnx.Rngs(0))
+    gathered = LTEFeedForward(gcfg, rngs=nnx.Rngs(0))
     nnx.update(gathered, nnx.state(ffn))
     for shape in [(1, 1, 32), (1, 1, 32), (2, 1, 32), (3, 4, 32)]:  # decode tokens, a batch
         x = jax.random.normal(jax.random.key(sum(shape)), shape)
@@ -127,7 +132,7 @@ def test_gather_model_decodes_like_the_masked_model():
 
     prompt = np.asarray(tokens(1, 6))
     outs = []
-    for m in (model, L.with_execution(model, "gather")):
+    for m in (model, with_execution(model, "gather")):
         apply, params = functional(m)
         outs.append(generate(apply, params, m.config, prompt, 8, repeats=1)[0])
     np.testing.assert_array_equal(outs[0], outs[1])
@@ -187,7 +192,7 @@ def test_efficiency_loss_raises_ffn_sparsity_monotonically_with_eta(capsys):
         for i in range(25):
             state, m = step(state, _batch(i))
         stats = make_stats_step(s)(state["params"], _batch(99))
-        sparsity[eta] = L.lte_summary(s.cfg.model, stats)[0]["ffn_sparsity"]
+        sparsity[eta] = lte_summary(s.cfg.model, stats)[0]["ffn_sparsity"]
     with capsys.disabled():
         print(f"\nLTE FFN sparsity after 25 stage-1 steps by eta: {json.dumps(sparsity)}")
     a, b, c = sparsity.values()
@@ -205,12 +210,12 @@ def test_log_metrics_report_sparsity_flops_and_histogram():
     out = method.log_metrics(state["params"], stats, 8 * 32)
     lte = out["lte"]
     assert 0 <= lte["ffn_sparsity"] <= 1
-    assert lte["ffn_flops_per_token"] == pytest.approx(L.ffn_flops_per_token(s.cfg.model, lte["active_experts"]))
+    assert lte["ffn_flops_per_token"] == pytest.approx(ffn_flops_per_token(s.cfg.model, lte["active_experts"]))
     assert lte["dense_ffn_flops_per_token"] == 6 * 32 * 128 * 2
     assert sum(out["lte_hist"].values()) == pytest.approx(1.0)
     # per-layer numbers from walking the layers
     model = nnx.merge(s.graphdef, state["params"])
-    per_layer = L.layer_sparsity(model, _batch()[:, :-1])
+    per_layer = layer_sparsity(model, _batch()[:, :-1])
     assert np.mean(per_layer) == pytest.approx(lte["ffn_sparsity"], abs=1e-6)
     assert [lte[f"ffn_sparsity_layer{i}"] for i in range(len(per_layer))] == pytest.approx(per_layer, abs=1e-6)
 
@@ -236,8 +241,8 @@ def test_dense_checkpoint_converts_and_trains_from_init_from(tmp_path):
     base = SMALL[:-2] + [f"data.source={tmp_path / 'c'}", "train.log_every=1", "train.eval_every=2",
                          "train.eval_batches=1"]
     dense_cfg = load_config(str(ROOT / "configs/tiny.yaml"), base + ["train.steps=2"])
-    L.write_checkpoint(Transformer(dense_cfg.model, rngs=nnx.Rngs(0)), dense_cfg, tmp_path / "dense")
-    summary = L.convert(str(tmp_path / "lte0"), ckpt=str(tmp_path / "dense" / "checkpoints"),
+    write_checkpoint(Transformer(dense_cfg.model, rngs=nnx.Rngs(0)), dense_cfg, tmp_path / "dense")
+    summary = convert(str(tmp_path / "lte0"), ckpt=str(tmp_path / "dense" / "checkpoints"),
                         lte=LTEConfig(enabled=True, expert_size=16, mode="moefication", top_k=4), calib_batches=1,
                         fit_steps=20)
     assert summary["experts"] == 8 and len(summary["router_topk_recall"]) == 2
@@ -274,14 +279,14 @@ def test_hf_silu_model_groups_into_experts_with_its_outputs_unchanged(tmp_path):
         ref = hf(torch.as_tensor(t, dtype=torch.long)).logits.numpy()
     model = load_pretrained(tmp_path / "hf")
     assert model.config.activation == "silu"
-    lte_model, _ = L.to_lte(model, LTEConfig(enabled=True, expert_size=16, mode="moefication", top_k=6))
+    lte_model, _ = to_lte(model, LTEConfig(enabled=True, expert_size=16, mode="moefication", top_k=6))
     np.testing.assert_allclose(lte_model(jnp.asarray(t)), ref, atol=1e-4, rtol=1e-4)
 
 
 MESH_SCRIPT = """
 import json, sys
 from qsparse_jax.config import load_config
-from qsparse_jax.trainer import train
+from qsparse_jax.train.loop import train
 train(load_config(sys.argv[1], json.loads(sys.argv[2])), sys.argv[3])
 """
 
@@ -321,7 +326,7 @@ def test_init_from_a_dense_checkpoint_under_an_lte_config_is_a_one_line_error(tm
         (tmp_path / "c" / f"d{i}.py").write_text(f"def f{i}(x):\n    return x\n" * 100)
     base = SMALL[:-2] + [f"data.source={tmp_path / 'c'}", "train.steps=1"]
     dense_cfg = load_config(str(ROOT / "configs/tiny.yaml"), base)
-    L.write_checkpoint(Transformer(dense_cfg.model, rngs=nnx.Rngs(0)), dense_cfg, tmp_path / "dense")
+    write_checkpoint(Transformer(dense_cfg.model, rngs=nnx.Rngs(0)), dense_cfg, tmp_path / "dense")
     cfg = load_config(str(ROOT / "configs/tiny.yaml"), base + ["model.lte.enabled=true", "model.lte.expert_size=16"])
-    with pytest.raises(CheckpointError, match="lacks 2 parameters .*router.*python -m qsparse_jax.lte convert"):
+    with pytest.raises(CheckpointError, match="lacks 2 parameters .*router.*qsparse lte convert"):
         train(cfg, tmp_path / "run", init_from=str(tmp_path / "dense" / "checkpoints"))

@@ -1,4 +1,7 @@
-"""N:M weight sparsity (AST and its one-shot baselines): masks, scores, SparseGPT, SLoRB, decay, calibration."""
+"""N:M weight sparsity math (AST and its one-shot baselines): masks, scores, SLoRB, decay.
+
+SparseGPT: ``tests/ops/test_sparsegpt.py``; calibration and one-shot pruning of a model:
+``tests/transforms/test_calibration.py``."""
 
 import jax
 import jax.numpy as jnp
@@ -76,20 +79,6 @@ def test_wanda_score_is_abs_weight_times_input_feature_norm():
     np.testing.assert_allclose(np.asarray(ws.wanda_score(w, norm)), want, rtol=1e-6)
 
 
-def test_sparsegpt_reconstructs_better_than_wanda_on_the_same_calibration_data():
-    rng = np.random.default_rng(1)
-    d_in, d_out, tokens = 64, 32, 512
-    x = rng.normal(size=(tokens, d_in)) * rng.uniform(0.1, 3.0, size=d_in)
-    x[:, :16] += 0.8 * x[:, 16:32]  # correlated inputs: what OBS compensation exploits
-    w = rng.normal(size=(d_in, d_out)).astype(np.float32)
-    w_sgpt, mask = ws.sparsegpt_prune(w, x.T @ x, n=2, m=4, blocksize=32)
-    w_wanda = np.where(np.asarray(ws.nm_mask(ws.wanda_score(w, np.linalg.norm(x, axis=0)))), w, 0)
-    assert w_sgpt.dtype == w.dtype and np.array_equal(w_sgpt != 0, mask)
-    assert np.all(mask.reshape(d_in // 4, 4, d_out).sum(1) == 2)
-    err_sgpt, err_wanda = ws.reconstruction_error(w, w_sgpt, x), ws.reconstruction_error(w, w_wanda, x)
-    assert err_sgpt < 0.9 * err_wanda, (err_sgpt, err_wanda)
-
-
 def test_slorb_output_is_the_explicit_formula_and_init_the_group_means():
     rng = np.random.default_rng(2)
     d_in, d_out, k = 32, 5, 8
@@ -136,55 +125,3 @@ def test_flip_rate_counts_changed_positions():
     old = np.array([[True], [True], [False], [False]])
     new = np.array([[True], [False], [True], [False]])
     assert float(ws.flip_rate(old, new)) == 0.5 and float(ws.flip_rate(old, old)) == 0.0
-
-
-def _tiny_model(scan_layers=False, seed=0):
-    from flax import nnx
-
-    from qsparse_jax import ModelConfig, Transformer
-
-    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, hidden_dim=64, activation="relu2",
-                      max_seq_len=16, scan_layers=scan_layers)
-    return Transformer(cfg, rngs=nnx.Rngs(seed))
-
-
-def test_calibration_records_each_linear_input_norm_and_hessian():
-    from qsparse_jax.nn.layers import rms_norm
-
-    model = _tiny_model()
-    tokens = [np.random.default_rng(i).integers(0, 64, (2, 8)) for i in range(2)]
-    stats = ws.calibrate(model, tokens)
-    assert len(stats) == 2 and set(stats[0]) == {("attn", "wq"), ("attn", "wk"), ("attn", "wv"), ("attn", "wo"),
-                                                  ("mlp", "w_gate"), ("mlp", "w_up"), ("mlp", "w_down")}
-    # layer 0's q/k/v input: the attention RMSNorm of the embeddings
-    x = np.concatenate([np.asarray(rms_norm(model.embed[...][t], model.config.norm_eps,
-                                            model.layers[0].attn_norm.weight[...])).reshape(-1, 32) for t in tokens])
-    s = stats[0][("attn", "wk")]
-    np.testing.assert_allclose(s["act_norm"], np.linalg.norm(x, axis=0), rtol=1e-5)
-    np.testing.assert_allclose(s["H"], x.T.astype(np.float64) @ x, rtol=1e-4, atol=1e-4)
-    assert s["tokens"] == 32 and stats[1][("mlp", "w_down")]["H"].shape == (64, 64)
-
-
-LINEARS = {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"}
-
-
-@pytest.mark.parametrize("method", ws.METHODS)
-@pytest.mark.parametrize("scan_layers", [False, True], ids=["layers", "scan"])
-def test_prune_model_makes_every_block_linear_2_4_and_leaves_the_rest(method, scan_layers):
-    from flax import nnx
-
-    model = _tiny_model(scan_layers)
-    before = {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(model))}
-    tokens = [np.random.default_rng(0).integers(0, 64, (2, 16))]
-    pruned, report = ws.prune_model(model, method, tokens)
-    assert len(report) == 7 * 2 and all(r["kept"] == 0.5 for r in report)
-    if method != "magnitude":
-        assert all(0 < r["rel_err"] < 1 for r in report)
-    for k, v in nnx.to_flat_state(nnx.state(pruned)):
-        a = np.asarray(v[...])
-        if k[0] == "layers" and k[-1] == "weight" and k[-2] in LINEARS:
-            assert float(ws.group_zero_fraction(a, 4, "min")) == 0.5 == float(ws.group_zero_fraction(a, 4, "mean"))
-            if method != "sparsegpt":  # masking only; SparseGPT also updates the kept weights
-                np.testing.assert_array_equal(a[a != 0], before[k][a != 0])
-        else:
-            np.testing.assert_array_equal(a, before[k])

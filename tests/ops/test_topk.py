@@ -123,7 +123,7 @@ def test_works_when_feature_axis_is_sharded():
     code = textwrap.dedent("""
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-        from qsparse_jax.sparsity import topk_sparsify
+        from qsparse_jax.ops.topk import topk_sparsify
         mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "tensor"))
         x = jax.random.normal(jax.random.key(0), (8, 64))
         xs = jax.device_put(x, NamedSharding(mesh, P("data", "tensor")))

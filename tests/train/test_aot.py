@@ -1,4 +1,4 @@
-"""train.py --compile_only: the real train step compiled ahead of time for simulated CPU devices or a TPU slice."""
+"""qsparse compile (train.py --compile_only): the real train step compiled ahead of time for simulated CPU devices or a TPU slice."""
 
 import json
 import math
@@ -15,6 +15,7 @@ from qsparse_jax.nn.model import Transformer
 from qsparse_jax.train.topology import known_topologies, slice_topology
 
 ROOT = Path(__file__).resolve().parents[2]
+QSPARSE = str(Path(sys.executable).with_name("qsparse"))  # the console script, as a user runs it
 
 
 def _has_libtpu() -> bool:
@@ -30,7 +31,7 @@ needs_libtpu = pytest.mark.skipif(not _has_libtpu(), reason="libtpu is not insta
 
 def _compile_only(tmp_path, *args):
     out = tmp_path / "report.json"
-    p = subprocess.run([sys.executable, "train.py", "--compile_only", "--report_json", str(out), *map(str, args)],
+    p = subprocess.run([QSPARSE, "compile", "--report_json", str(out), *map(str, args)],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     return p, (json.loads(out.read_text()) if out.exists() else None)
 
@@ -94,12 +95,18 @@ def test_7b_configs_fit_a_v5p_128_at_their_own_batch_size(config):
 
 
 def test_generate_compile_only_reports_the_decode_loop(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "qsparse_jax.generate", "--config", "configs/tiny.yaml", "--compile_only",
-                        "--batch", "2", "--prompt_len", "16", "--max-new-tokens", "8"],
+    p = subprocess.run([QSPARSE, "generate", "--config", "configs/tiny.yaml", "--compile_only",
+                        "--batch", "2", "--prompt_len", "16", "--max_new_tokens", "8"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     assert "batch 2, prompt 16 + 8 new tokens" in p.stdout and "decode loop" in p.stdout
-    bad = subprocess.run([sys.executable, "-m", "qsparse_jax.generate", "--hf", str(tmp_path), "--compile_only"],
+    same = subprocess.run([QSPARSE, "compile", "--decode", "--config", "configs/tiny.yaml", "--batch", "2",
+                           "--prompt_len", "16", "--max_new_tokens", "8"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert same.returncode == 0, same.stderr
+    drop_time = lambda out: [line for line in out.splitlines() if "compile time" not in line]
+    assert drop_time(same.stdout) == drop_time(p.stdout)
+    bad = subprocess.run([QSPARSE, "generate", "--hf", str(tmp_path), "--compile_only"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and bad.stderr.strip() == (
         "error: --compile_only needs --config (the model to compile; no weights are read)")

@@ -220,7 +220,7 @@ def test_a_missing_teacher_is_a_one_line_error(corpus, tmp_path):
 MESH_SCRIPT = """
 import json, sys
 from qsparse_jax.config import load_config
-from qsparse_jax.trainer import train
+from qsparse_jax.train.loop import train
 train(load_config(sys.argv[1], json.loads(sys.argv[2])), sys.argv[3])
 """
 
@@ -246,12 +246,12 @@ def test_ast_under_an_fsdp_tensor_mesh_gives_the_single_device_losses(corpus, tm
 
 
 def test_parameter_accounting_counts_kept_weights_and_slorb():
-    from qsparse_jax.nn.model import activated_params, projection_params
+    from qsparse_jax.nn.model import Transformer, activated_params, projection_params
 
     cfg = ModelConfig(weight_sparsity={"n": 2, "m": 4, "slorb": True, "slorb_group": 16})
     dense = {g: 0.0 for g in ("qkv", "out", "up", "gate", "down")}
     acct = activated_params(cfg, dense)
-    lin = nnx.split(nnx.eval_shape(lambda: __import__("qsparse_jax.model").model.Transformer(cfg, rngs=nnx.Rngs(0))))[1]
+    lin = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))[1]
     n_slorb = sum(v.size for p, v in leaves_by_path(lin).items() if p[-1] == "slorb_s")
     assert acct["N_slorb"] == n_slorb == sum(projection_params(cfg).values()) / 16
     assert acct["N_a"] == sum(projection_params(cfg).values()) / 2 + n_slorb

@@ -14,6 +14,7 @@ from qsparse_jax.config import load_config
 from qsparse_jax.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[2]
+QSPARSE = str(Path(sys.executable).with_name("qsparse"))  # the console script, as a user runs it
 SMALL = ["model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.hidden_dim=64", "model.max_seq_len=64",
          "data.seq_len=32", "data.batch_size=8", "train.steps=8", "train.log_every=1", "train.eval_every=4",
          "train.eval_batches=2", "checkpoint.every=0", "checkpoint.async_save=false", "optim.warmup_steps=2",
@@ -42,7 +43,7 @@ def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_losses(corpus,
 MESH_SCRIPT = textwrap.dedent("""
     import json, sys
     from qsparse_jax.config import load_config
-    from qsparse_jax.trainer import train
+    from qsparse_jax.train.loop import train
     cfg = load_config(sys.argv[1], json.loads(sys.argv[2]))
     train(cfg, sys.argv[3], stop_after=int(sys.argv[4]) if len(sys.argv) > 4 else None)
 """)
@@ -86,7 +87,7 @@ def test_init_from_starts_a_new_run_from_checkpoint_parameters(corpus, tmp_path)
 
 
 def cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run([QSPARSE, "train", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("args,msg", [
@@ -179,7 +180,7 @@ def test_two_processes_with_jax_distributed_match_one_process(task, corpus, sft_
         env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                    JAX_PROCESS_ID=str(pid))
         env.pop("XLA_FLAGS", None)
-        procs.append(subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env,
+        procs.append(subprocess.Popen([QSPARSE, "train", *args], cwd=ROOT, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs):
@@ -194,7 +195,7 @@ def _start_training(corpus, workdir, *extra):
     args = ["--config", "configs/tiny.yaml", "--workdir", str(workdir), *SMALL, f"data.source={corpus}",
             "train.steps=100000", *extra]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([QSPARSE, "train", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 

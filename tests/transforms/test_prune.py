@@ -1,11 +1,11 @@
-"""``python -m qsparse_jax.prune``: one-shot 2:4 checkpoints that evaluate, train and export like any other."""
+"""``qsparse prune``: one-shot 2:4 checkpoints that evaluate, train and export like any other."""
 
 import numpy as np
 import pytest
 from flax import nnx
 
-from qsparse_jax.ops import nm as ws
 from qsparse_jax.config import Config, DataConfig, ModelConfig, TrainConfig, to_dict
+from qsparse_jax.transforms.calibration import METHODS
 
 LINEARS = {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"}
 
@@ -38,7 +38,7 @@ def flat_params(path):
     return {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(load(ckpt=str(path)).model))}
 
 
-@pytest.mark.parametrize("method", ws.METHODS)
+@pytest.mark.parametrize("method", METHODS)
 def test_pruned_checkpoint_is_exactly_2_4_in_every_block_linear_and_loads_for_eval(method, dense_ckpt, tmp_path):
     from qsparse_jax.cli.eval import main as eval_main
     from qsparse_jax.transforms.prune import prune
@@ -55,7 +55,7 @@ def test_pruned_checkpoint_is_exactly_2_4_in_every_block_linear_and_loads_for_ev
             np.testing.assert_array_equal(a, before[k])
     text = tmp_path / "t.txt"
     text.write_text("def f(x):\n    return x + 1\n" * 4)
-    assert eval_main(["--ckpt", str(tmp_path / "out" / "checkpoints"), "--ppl", str(text), "--batch-size", "2"]) == 0
+    assert eval_main(["--ckpt", str(tmp_path / "out" / "checkpoints"), "--ppl", str(text), "--batch_size", "2"]) == 0
 
 
 def test_pruned_checkpoint_trains_with_ast_and_exports(dense_ckpt, tmp_path):
@@ -75,7 +75,7 @@ def test_pruned_checkpoint_trains_with_ast_and_exports(dense_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["--method", "magnitude", "--ckpt", "/no/such/ckpt", "--out", "O"], "error: ckpt: no such directory '/no/such/ckpt'"),
+    (["--method", "magnitude", "--ckpt", "/no/such/ckpt", "--out", "O"], "error: --ckpt: no such directory '/no/such/ckpt'"),
     (["--method", "wanda", "--ckpt", "CKPT", "--out", "O", "--m", "3"], "error: --m 3 must divide every block linear's"),
     (["--method", "wanda", "--ckpt", "CKPT", "--out", "O", "--calib_batches", "0"], "error: --calib_batches must be >= 1"),
     (["--method", "wanda", "--ckpt", "CKPT", "--out", "O", "model.dim=8"], "error: only data.* overrides apply"),
