@@ -114,6 +114,15 @@ def command(interrupted: str = "interrupted"):
     return wrap
 
 
+def add_source_options(p: argparse.ArgumentParser, *, required: bool = True):
+    """``--hf DIR | --ckpt DIR``, the model a command reads (resolved by ``checkpoints.source``); returns
+    the group, so a command can add another source to it (``generate --config``)."""
+    src = p.add_mutually_exclusive_group(required=required)
+    src.add_argument("--hf", help="Hugging Face model directory (llama / mistral / qwen2 / bitnet)")
+    src.add_argument("--ckpt", help="training checkpoint directory (a run's checkpoints/, or one step of it)")
+    return src
+
+
 def add_sparsity_options(p: argparse.ArgumentParser, *, run: str = "the sparse run",
                          default: str = "the model's own") -> None:
     """``--sparsity S``, ``--block_size M`` and per group ``--qkv_sparsity`` / ``--out_sparsity`` /

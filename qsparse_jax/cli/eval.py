@@ -18,6 +18,7 @@ from ..config import KERNELS
 from ..infer.evaluate import evaluate, read_documents, read_mc
 from .common import (
     Parser,
+    add_source_options,
     add_sparsity_options,
     command,
     fail,
@@ -29,9 +30,7 @@ from .common import (
 @command()
 def main(argv=None) -> int:
     p = Parser(prog="qsparse eval", description=summary(__doc__))
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--hf", help="HF model directory (llama / mistral / qwen2 / bitnet)")
-    src.add_argument("--ckpt", help="training checkpoint directory (or one step of it)")
+    add_source_options(p)
     p.add_argument("--ppl", help="text or JSONL file for perplexity")
     p.add_argument("--mc", help="JSONL of {context, choices, label[, target_delimiter]} items")
     add_sparsity_options(p, run="the sparse column",

@@ -23,7 +23,14 @@ from ..errors import ConfigError
 from ..infer.generate import decode_runs
 from ..infer.variants import decode_union
 from ..nn.model import Transformer
-from .common import Parser, add_sparsity_options, command, sparsity_options, summary
+from .common import (
+    Parser,
+    add_source_options,
+    add_sparsity_options,
+    command,
+    sparsity_options,
+    summary,
+)
 from .compile import run_decode
 from .train import add_compile_options, check_compile_options
 
@@ -40,9 +47,7 @@ def _load(args):
 @command()
 def main(argv=None) -> int:
     p = Parser(prog="qsparse generate", description=summary(__doc__))
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--hf", help="HF model directory (llama / mistral / qwen2 / bitnet)")
-    src.add_argument("--ckpt", help="training checkpoint directory (or one step of it)")
+    src = add_source_options(p)
     src.add_argument("--config", help="a config YAML: randomly initialized weights (speed only)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (with --config)")
     p.add_argument("--prompt", default="def fibonacci(n):", help="the text to continue")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..config import LTEConfig
 from ..transforms.lte_convert import convert
-from .common import Parser, command, summary
+from .common import Parser, add_source_options, command, summary
 
 
 @command()
@@ -25,9 +25,7 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="convert")
     c = sub.add_parser("convert", help="dense checkpoint / HF model -> LTE checkpoint (grouped, permuted, routers)",
                        description=summary(__doc__))
-    src = c.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="training checkpoint directory (or one step of it)")
-    src.add_argument("--hf", help="HF model directory (llama / mistral / qwen2)")
+    add_source_options(c)
     c.add_argument("workdir", help="output: WORKDIR/checkpoints/0 and WORKDIR/config.yaml")
     c.add_argument("--expert_size", type=int, default=32, help="FFN neurons per expert (default 32)")
     c.add_argument("--mode", choices=("lte", "moefication"), default="lte",

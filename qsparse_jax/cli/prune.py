@@ -14,16 +14,14 @@ overrides on top); ``--eval_batches K`` also prints the validation loss before a
 from __future__ import annotations
 
 from ..transforms.prune import prune
-from .common import Parser, command, summary
+from .common import Parser, add_source_options, command, summary
 
 
 @command()
 def main(argv=None) -> int:
     p = Parser(prog="qsparse prune", description=summary(__doc__))
     p.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt"], help="how weights are chosen")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="training checkpoint directory (or one step of it)")
-    src.add_argument("--hf", help="HF model directory (llama / mistral / qwen2 / bitnet)")
+    add_source_options(p)
     p.add_argument("--out", required=True, help="output directory: OUT/checkpoints/0 + OUT/config.yaml")
     p.add_argument("--calib_batches", type=int, default=16, help="calibration batches (wanda, sparsegpt; default 16)")
     p.add_argument("--n", type=int, default=2, help="weights kept per group (default 2)")
