@@ -65,7 +65,7 @@ def test_training_resumed_from_it_gives_the_uninterrupted_runs_losses(tmp_path, 
     monkeypatch.setattr(pipeline, "is_validation",
                         lambda name, fraction: is_validation(name.replace(source, recorded, 1), fraction))
     train(load_config(str(workdir / "config.yaml"), RECORD["overrides"] + [f"data.source={source}"]), workdir)
-    rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["loss"] for r in rows if "loss" in r}
     assert sorted(losses) == [3, 4]  # resumed after step 2: only the last two steps ran
     want = RECORD["losses_straight"]
