@@ -120,3 +120,10 @@ def test_compile_decode_with_the_packed_ternary_kernels():
                 "--prompt_len", "8", "--max_new_tokens", "4")
     assert p.returncode == 0, p.stderr[-2000:]
     assert "prompt 8 + 4 new tokens" in p.stdout and "decode loop" in p.stdout
+
+
+def test_help_piped_into_a_reader_that_stops_early_prints_no_traceback():
+    p = subprocess.Popen([QSPARSE, "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before the command writes
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) in (0, 141) and "Traceback" not in err, err
