@@ -18,7 +18,6 @@ checkpoint's ``data`` section; for ``--hf`` the default embedded corpus with the
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 
@@ -38,18 +37,18 @@ from ..train.step import split_batch
 from .calibration import METHODS, calibration_batches, prune_model
 
 
-def _data_config(args, saved_cfg, model_cfg):
-    if args.config:
-        data = load_config(args.config, []).data
+def _data_config(config, seq_len, overrides, saved_cfg, model_cfg):
+    if config:
+        data = load_config(config, []).data
     else:
         data = saved_cfg.data
-    if args.overrides:
-        bad = [o for o in args.overrides if not o.startswith("data.")]
+    if overrides:
+        bad = [o for o in overrides if not o.startswith("data.")]
         if bad:
             raise ConfigError(f"only data.* overrides apply to pruning, got {bad[0]!r}")
-        data = from_dict(Config, apply_overrides({"data": to_dict(data)}, list(args.overrides))).data
-    if args.seq_len:
-        data = dataclasses.replace(data, seq_len=args.seq_len)
+        data = from_dict(Config, apply_overrides({"data": to_dict(data)}, list(overrides))).data
+    if seq_len:
+        data = dataclasses.replace(data, seq_len=seq_len)
     if data.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"data.seq_len {data.seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
     return data
@@ -101,7 +100,7 @@ def prune(method: str, out: str, *, ckpt: str | None = None, hf: str | None = No
     for group, d in mcfg.group_input_dims().items():
         if d % m:
             raise ConfigError(f"--m {m} must divide every block linear's input size; {group} has {d}")
-    data = _data_config(argparse.Namespace(config=config, seq_len=seq_len, overrides=overrides), saved, mcfg)
+    data = _data_config(config, seq_len, overrides, saved, mcfg)
     summary: dict = {"method": method, "n": n, "m": m, "source": loaded.source}
     batches = calibration_batches(data, calib_batches) if method != "magnitude" else None
     if batches is not None:
