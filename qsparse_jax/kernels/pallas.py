@@ -14,8 +14,10 @@ and needs no lane interleave; ``planes_to_columns`` turns it into ``[M, out]``.
   Steps past ``count`` kept rows do nothing. GPU (Triton) only: Mosaic has no vector gather from a
   ref, so on TPU decode runs ``matmul`` (all rows; a per-row-DMA TPU kernel is future work).
 
-Both lower on a CPU host for CUDA (Triton IR, ``compiler_params`` pick Triton over Mosaic GPU) and
-``matmul`` for TPU (Mosaic), which the tests check; neither has been compiled or timed on a device yet.
+On GPU (``target="gpu"``) both hand over to ``pallas_gpu``, their Triton forms (register accumulators,
+masked edges, power-of-2 arrays: the generic bodies below break two Triton rules, see there). The
+generic kernels are the TPU (Mosaic) and interpret-mode forms; both lower on a CPU host for TPU, the
+GPU forms for CUDA, which the tests check.
 
 Each kernel zeroes its output tile at the first reduction step and accumulates into it; a tile that
 is never visited keeps whatever the output buffer held, which the tests poison (``out_init``).
@@ -29,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from . import pallas_gpu
 from .packing import unpack_planes
 
 
@@ -77,12 +80,13 @@ def _gather_kernel(n_ref, idx_ref, q_ref, w_ref, *rest, bits, bk):
         _accumulate_planes(o_ref, q_ref[...], w_ref[rows, :], bits)
 
 
-def _compiler_params(target, semantics):
-    """Triton on GPU (jax may default to Mosaic GPU, which these generic kernels do not target), Mosaic on TPU."""
-    if target == "gpu":
-        from jax.experimental.pallas import triton as pltriton
+def _gpu_only_plain(kernel, out_init):
+    if kernel is not None or out_init is not None:
+        raise ValueError("kernel= and out_init= apply to the generic (TPU / interpret) kernels, not target='gpu'")
 
-        return pltriton.CompilerParams(num_warps=4, num_stages=3)
+
+def _compiler_params(target, semantics):
+    """Mosaic's on TPU; none in interpret mode (GPU calls go to ``pallas_gpu``)."""
     if target == "tpu":
         from jax.experimental.pallas import tpu as pltpu
 
@@ -111,7 +115,11 @@ def matmul(q, data, *, bits, bm=None, bc=128, bk=512, interpret=False, out_init=
     (= P·bc output columns), ``bk`` input features. Edges: q is zero-padded to whole tiles (small);
     the weight is not copied — its edge tiles may hold anything, which multiplies zeros (integers,
     so exactly 0). ``kernel`` replaces the kernel body (tests use it to break the kernel on purpose).
-    ``target``: ``"gpu"`` / ``"tpu"`` compiler parameters (default: the default backend's)."""
+    ``target``: ``"gpu"`` (``pallas_gpu.matmul``, its own tiles) / ``"tpu"`` (default: the default backend)."""
+    target = target or jax.default_backend()
+    if target == "gpu":
+        _gpu_only_plain(kernel, out_init)
+        return pallas_gpu.matmul(q, data, bits=bits, interpret=interpret)
     m, d = q.shape
     c = data.shape[1]
     p = 4 if bits == 2 else 5
@@ -127,7 +135,7 @@ def matmul(q, data, *, bits, bm=None, bc=128, bk=512, interpret=False, out_init=
     out_shape = jax.ShapeDtypeStruct((p, mp, c), jnp.int32)
     body = functools.partial(kernel or _matmul_kernel, bits=bits)
     out = _call(body, grid, in_specs, out_spec, out_shape, (q, data), out_init, interpret, "qsparse_int8_ternary_matmul",
-                target or jax.default_backend(), ("parallel", "parallel", "arbitrary"))
+                target, ("parallel", "parallel", "arbitrary"))
     return out[:, :m]
 
 
@@ -137,7 +145,12 @@ def gather_matmul(count, idx, qg, data, *, bits, bc=128, bk=64, interpret=False,
     """Plane-major int32 ``[P, M, C]`` accumulator of ``qg [M, R]`` times the packed rows ``data[idx]``.
 
     ``idx`` int32 ``[R]`` lists the rows to read (first ``count`` valid; ``qg`` columns past ``count``
-    are zero), ``count`` int32 ``[1]``. Only those rows of ``data [D, C]`` are loaded, ``bk`` per step."""
+    are zero), ``count`` int32 ``[1]``. Only those rows of ``data [D, C]`` are loaded, ``bk`` per step.
+    ``target="gpu"``: ``pallas_gpu.gather_matmul``."""
+    target = target or jax.default_backend()
+    if target == "gpu":
+        _gpu_only_plain(kernel, out_init)
+        return pallas_gpu.gather_matmul(count, idx, qg, data, bits=bits, interpret=interpret)
     m, r = qg.shape
     d, c = data.shape
     p = 4 if bits == 2 else 5
@@ -157,5 +170,5 @@ def gather_matmul(count, idx, qg, data, *, bits, bc=128, bk=64, interpret=False,
     out_shape = jax.ShapeDtypeStruct((p, mp, c), jnp.int32)
     body = functools.partial(kernel or _gather_kernel, bits=bits, bk=bk)
     out = _call(body, grid, in_specs, out_spec, out_shape, (count, idx, qg, data), out_init, interpret,
-                "qsparse_gather_ternary_matmul", target or jax.default_backend(), ("parallel", "arbitrary"))
+                "qsparse_gather_ternary_matmul", target, ("parallel", "arbitrary"))
     return out[:, :m]
