@@ -200,12 +200,20 @@ def attention_flash(q, k, v, spec: MaskSpec) -> jax.Array:
     return fn(q, k, v, seg)
 
 
-def resolve(impl: str, spec: MaskSpec, platform: str | None = None) -> str:
-    """The implementation ``impl`` means here: ``auto`` by backend; fused kernels fall back to
-    ``chunked`` for masks they do not implement."""
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def resolve(impl: str, spec: MaskSpec, platform: str | None = None, dtype=None) -> str:
+    """The implementation ``impl`` means here: ``auto`` by backend (cuDNN only for 16-bit activations,
+    the only ones its fused attention takes); fused kernels fall back to ``chunked`` for masks they do
+    not implement. An explicit ``cudnn`` with other activations is an error."""
     platform = platform or jax.default_backend()
+    half = dtype is None or jnp.dtype(dtype) in CUDNN_DTYPES
     if impl == "auto":
-        impl = {"tpu": "flash", "gpu": "cudnn"}.get(platform, "xla")
+        impl = {"tpu": "flash", "gpu": "cudnn" if half else "chunked"}.get(platform, "xla")
+    elif impl == "cudnn" and not half:
+        raise ValueError(f"attention=cudnn needs bfloat16 or float16 activations, got {jnp.dtype(dtype).name}; "
+                         "use attention=auto (chunked for float32 on GPU) or chunked")
     if impl == "cudnn" and (not spec.by_index or spec.q_seg is not None):
         return "chunked"
     if impl == "flash" and (not spec.by_index or spec.window is not None or spec.q_pos.shape[1] % 128):
@@ -216,5 +224,5 @@ def resolve(impl: str, spec: MaskSpec, platform: str | None = None) -> str:
 def attend(q, k, v, spec: MaskSpec, impl: str = "auto") -> jax.Array:
     """Attention output [b, s, h, d] by ``impl`` (module docstring)."""
     return {"xla": attention_xla, "chunked": attention_chunked, "cudnn": attention_cudnn,
-            "flash": attention_flash}[resolve(impl, spec)](q, k, v, spec)
+            "flash": attention_flash}[resolve(impl, spec, dtype=q.dtype)](q, k, v, spec)
 

@@ -75,6 +75,15 @@ def test_auto_picks_per_backend_and_falls_back_where_a_kernel_lacks_the_mask():
     assert resolve("auto", long, "tpu") == "flash" and resolve("flash", s["causal"], "tpu") == "chunked"  # 40 % 128
 
 
+def test_cudnn_only_for_16_bit_activations():
+    """cuDNN's fused attention takes bf16 / fp16 only (float32 failed on the H200: RESULTS)."""
+    causal = _specs()["causal"]
+    assert resolve("auto", causal, "gpu", jnp.bfloat16) == "cudnn"
+    assert resolve("auto", causal, "gpu", jnp.float32) == "chunked"
+    with pytest.raises(ValueError, match="attention=cudnn needs bfloat16 or float16 activations, got float32"):
+        resolve("cudnn", causal, "gpu", jnp.float32)
+
+
 def test_the_cudnn_call_means_the_same_attention():
     """The cuDNN path's arguments (is_causal, window) describe our mask: checked with jax's XLA backend."""
     q, k, v = _qkv()
