@@ -15,6 +15,7 @@ python3 -c "import sys, jax, flax, optax, orbax.checkpoint, grain; print('python
 start=$(date +%s)
 python3 -m qsparse_jax bench all --out "$out/bench" --budget_s "$budget" 2>&1 | tee "$out/bench.log"
 echo "bench all: $(( $(date +%s) - start )) s"
+timeout 120 python3 benchmarks/topk_ways.py 2>&1 | tee "$out/topk_ways.log"
 left=$(( 150 - ($(date +%s) - start - budget) ))
 if [ "$left" -gt 30 ]; then
   timeout "$left" python3 -m qsparse_jax bench topk --tokens 8192 --d_in 4096 --d_out 11008 --dtype bfloat16 2>&1 | tee "$out/topk.log"

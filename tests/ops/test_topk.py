@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from qsparse_jax.ops import topk as T
 from qsparse_jax.ops.topk import keep_count, topk_mask, topk_sparsify
 
 
@@ -157,3 +158,31 @@ def test_relu_like_inputs_with_many_zeros_give_the_exact_top_k_values(seed, d, z
     np.testing.assert_array_equal(topk_sparsify(jnp.asarray(x), k), want)
     np.testing.assert_array_equal(topk_sparsify(jnp.asarray(x), k, grad="masked"), want)
     assert (np.asarray(topk_mask(jnp.asarray(x), k)).sum(-1) == k).all()
+
+
+@given(seed=st.integers(0, 2**31), d=st.integers(2, 300), ways=st.sampled_from([2, 3, 16]), frac=st.floats(0.01, 1.0))
+def test_every_search_width_finds_the_kth_largest_magnitude(seed, d, ways, frac):
+    """The WAYS-ary threshold search (8 passes on accelerators, binary on CPU) is exact at any width:
+    forced here on CPU, its threshold is the k-th largest |x| bit pattern (numpy's sort)."""
+    x = np.random.default_rng(seed).normal(size=(5, d)).astype(np.float32)
+    k = max(1, int(frac * d))
+    bits = jax.lax.bitcast_convert_type(jnp.abs(jnp.asarray(x)), jnp.int32)
+    hi = jnp.max(bits, axis=-1, keepdims=True) + 1
+
+    def count_ok(c):
+        n = jnp.sum(bits[..., :, None] >= c[..., None, :], axis=-2)
+        return jnp.sum(n >= k, axis=-1, keepdims=True, dtype=jnp.int32)
+
+    t = T._search(count_ok, hi * 0, hi, 0x7F800001, ways)
+    expect = np.sort(np.abs(x).view(np.int32), axis=-1)[:, d - k]
+    np.testing.assert_array_equal(np.asarray(t)[:, 0], expect)
+    assert T._passes(0x7F800001, 16) == 8 and T._passes(0x7F800001, 2) == 31
+
+
+def test_accelerator_programs_use_eight_passes_and_cpu_programs_binary_search():
+    """The width is chosen by the platform compiled for: the CUDA program's loop runs 8 times, the CPU one's 31."""
+    f = jax.jit(lambda x: topk_mask(x, 300))
+    x = jnp.ones((4, 1000), jnp.float32)
+    for platform, passes in [("cuda", 8), ("cpu", 31)]:
+        text = f.trace(x).lower(lowering_platforms=(platform,)).as_text()
+        assert f"constant dense<{passes}>" in text or f"constant({passes})" in text or f"= {passes} :" in text, platform
