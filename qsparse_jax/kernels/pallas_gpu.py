@@ -15,8 +15,9 @@ Same contract as ``pallas.matmul`` / ``pallas.gather_matmul`` (the exact int32 a
 
 ``gather_matmul`` (decode, few tokens) splits the kept rows of each column tile over ``splits``
 programs so that a batch-1 decode, whose column tiles alone are a few dozen programs, fills the chip;
-the programs add their partial int32 sums into a zeroed output with atomic adds (integer addition:
-exact and order-independent, so the result is deterministic).
+each split writes its partial int32 sums and XLA adds them (exact). A form that added them with atomic
+adds into an aliased zeroed output was exact in the interpreter but wrong on the H200 (cause not
+established; benchmarks/gather_diag.py, RESULTS.md), so it is not kept.
 
 Both run in the Pallas interpreter too (``interpret=True``): the tests check them there on CPU.
 """
@@ -67,10 +68,9 @@ def _matmul_kernel(q_ref, w_ref, o_ref, *, bits, d, c, bk, nk):
         o_ref[i] = a
 
 
-def _gather_kernel(n_ref, idx_ref, q_ref, w_ref, *rest, bits, c, bc, bk, per_split, mode, index):
-    o_ref = rest[-1]  # mode "atomic": an aliased zeroed buffer comes before it and is not read
+def _gather_kernel(n_ref, idx_ref, q_ref, w_ref, o_ref, *, bits, c, bc, bk, per_split):
     p = 4 if bits == 2 else 5
-    mp = q_ref.shape[0]  # the output is [P·mp, C] (planes stacked: a 2-D target)
+    mp = q_ref.shape[0]  # this split's output block is [P·mp, bc] (planes stacked: a 2-D target)
     j, s = pl.program_id(0), pl.program_id(1)
     cols = lax.broadcasted_iota(jnp.int32, (1, bc), 1)
     col_ok = j * bc + cols < c
@@ -78,22 +78,17 @@ def _gather_kernel(n_ref, idx_ref, q_ref, w_ref, *rest, bits, c, bc, bk, per_spl
 
     def step(l, accs):
         ok = l * bk + lax.broadcasted_iota(jnp.int32, (bk, 1), 0) < n
-        rows = idx_ref[pl.ds(l * bk, bk)]
-        if index == "2d":  # two integer-array indices: the form both Triton and the interpreter take
-            w = pltriton.load(w_ref.at[rows[:, None], cols], mask=ok & col_ok, other=0)
-        else:  # rows and a slice (Triton only: the interpreter has no masked load of this form)
-            w = pltriton.load(w_ref.at[rows, :], mask=ok & col_ok, other=0)
-        return _add_planes(accs, q_ref[:, pl.ds(l * bk, bk)], w, bits)  # skipped rows are not read
+        rows = idx_ref[pl.ds(l * bk, bk)][:, None]
+        # two integer-array indices (not rows and a slice): the form both Triton and the interpreter take
+        w = pltriton.load(w_ref.at[rows, cols], mask=ok & col_ok, other=0)  # skipped rows are not read
+        return _add_planes(accs, q_ref[:, pl.ds(l * bk, bk)], w, bits)
 
     first = s * per_split
     last = jnp.minimum(first + per_split, pl.cdiv(n, bk))
     accs = lax.fori_loop(first, jnp.maximum(first, last), step,
                          tuple(jnp.zeros((mp, bc), jnp.int32) for _ in range(p)))
-    for i, a in enumerate(accs):
-        if mode == "atomic":
-            pltriton.atomic_add(o_ref, (pl.ds(i * mp, mp), pl.ds(j * bc, bc)), a)
-        else:  # this split's partial sums, added by XLA afterwards
-            o_ref[pl.ds(i * mp, mp), :] = a
+    for i, a in enumerate(accs):  # this split's partial sums, added by XLA afterwards
+        o_ref[pl.ds(i * mp, mp), :] = a
 
 
 def _cost(flops: int, nbytes: int) -> pl.CostEstimate:
@@ -128,15 +123,13 @@ def matmul(q, data, *, bits, bm=None, bc=BC, bk=BK, interpret=False):
     return out[:, :m, :c]
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "bc", "bk", "splits", "interpret", "mode", "index"))
-def gather_matmul(count, idx, qg, data, *, bits, bc=DECODE_BC, bk=DECODE_BK, splits=None, interpret=False,
-                  mode="partial", index="2d"):
+@functools.partial(jax.jit, static_argnames=("bits", "bc", "bk", "splits", "interpret"))
+def gather_matmul(count, idx, qg, data, *, bits, bc=DECODE_BC, bk=DECODE_BK, splits=None, interpret=False):
     """Plane-major int32 ``[P, M, C]`` accumulator of ``qg [M, R]`` times the packed rows ``data[idx]``.
 
     Grid (C tiles, ``splits``); program ``(j, s)`` reads the ``s``-th share of the first ``count`` listed
-    rows of column tile ``j`` (``bk`` per step, masked past ``count``). ``mode="partial"``: each split
-    writes its own partial sums, added by XLA; ``"atomic"``: atomic adds into one zeroed output.
-    ``splits`` default: enough programs for ~2 per multiprocessor."""
+    rows of column tile ``j`` (``bk`` per step, masked past ``count``) and writes its partial sums; XLA
+    adds the splits. ``splits`` default: enough programs for ~2 per multiprocessor."""
     m, r = qg.shape
     d, c = data.shape
     p = 4 if bits == 2 else 5
@@ -148,28 +141,18 @@ def gather_matmul(count, idx, qg, data, *, bits, bc=DECODE_BC, bk=DECODE_BK, spl
     per_split = -(-chunks // splits)
     qg = jnp.pad(qg, ((0, mp - m), (0, rp - r)))
     idx = jnp.pad(idx, (0, rp - r))
-    in_specs = [pl.BlockSpec((1,), lambda j, s: (0,)),
-                pl.BlockSpec((rp,), lambda j, s: (0,)),
-                pl.BlockSpec((mp, rp), lambda j, s: (0, 0)),
-                pl.BlockSpec((d, bc), lambda j, s: (0, j))]  # rows are picked inside the kernel
-    args = (count, idx, qg, data)
-    if mode == "atomic":
-        in_specs.append(pl.BlockSpec(memory_space=pl.ANY))  # the zeroed output, aliased
-        args = (*args, jnp.zeros((p * mp, cp), jnp.int32))
-        out_spec, out_shape, aliases = (pl.BlockSpec(memory_space=pl.ANY),
-                                        jax.ShapeDtypeStruct((p * mp, cp), jnp.int32), {4: 0})
-    else:
-        out_spec, out_shape, aliases = (pl.BlockSpec((None, p * mp, bc), lambda j, s: (s, 0, j)),
-                                        jax.ShapeDtypeStruct((splits, p * mp, cp), jnp.int32), {})
     out = pl.pallas_call(
-        functools.partial(_gather_kernel, bits=bits, c=c, bc=bc, bk=bk, per_split=per_split, mode=mode, index=index),
-        grid=(tiles, splits), in_specs=in_specs, out_specs=out_spec, out_shape=out_shape,
-        input_output_aliases=aliases,
+        functools.partial(_gather_kernel, bits=bits, c=c, bc=bc, bk=bk, per_split=per_split),
+        grid=(tiles, splits),
+        in_specs=[pl.BlockSpec((1,), lambda j, s: (0,)),
+                  pl.BlockSpec((rp,), lambda j, s: (0,)),
+                  pl.BlockSpec((mp, rp), lambda j, s: (0, 0)),
+                  pl.BlockSpec((d, bc), lambda j, s: (0, j))],  # rows are picked inside the kernel
+        out_specs=pl.BlockSpec((None, p * mp, bc), lambda j, s: (s, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((splits, p * mp, cp), jnp.int32),
         interpret=interpret, name="qsparse_gather_ternary_matmul_gpu",
         compiler_params=None if interpret else pltriton.CompilerParams(**_PARAMS),
-        # at most every listed row of every column tile, its activations once per tile, the sums once per split
+        # at most every listed row of every column tile, its activations once per tile, each split's sums once
         cost_estimate=_cost(2 * mp * rp * p * cp, r * c + tiles * mp * rp + splits * p * mp * cp * 4),
-    )(*args)
-    if mode != "atomic":
-        out = out.sum(axis=0)
-    return out.reshape(p, mp, cp)[:, :m, :c]
+    )(count, idx, qg, data)
+    return out.sum(axis=0).reshape(p, mp, cp)[:, :m, :c]
