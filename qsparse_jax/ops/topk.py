@@ -9,7 +9,7 @@ Selection does not sort. ``|x|`` as a float32 is non-negative, so its IEEE bit p
 orders exactly like the value; a per-row ``WAYS``-ary search over that integer finds the k-th largest
 magnitude: each pass counts, in one read of the row, the entries at or above ``WAYS − 1`` candidate
 thresholds and keeps the sub-range holding the k-th, so 31 bits take 8 passes at ``WAYS = 16``
-instead of binary search's 31 (plain reductions, so it also works when the feature axis is sharded,
+instead of binary search's 31 (used for decode's few rows on accelerators; see ``FEW_ROWS``) (plain reductions, so it also works when the feature axis is sharded,
 where ``lax.top_k`` does not). On a GPU each pass is a kernel launch plus a read of the activations:
 the 31 passes cost 0.4–1.0 ms per projection on an H200 (benchmarks/RESULTS.md). Short N:M blocks
 (≤ 64) instead rank every entry against its block in one pass. Ties at the threshold are broken
@@ -44,6 +44,10 @@ def keep_count(dim: int, sparsity: float) -> int:
 WAYS = 16  # sub-ranges per search pass on accelerators: ceil(31 / log2(16)) = 8 passes over the row
 CPU_WAYS = 2  # binary search on CPU, where the 15 compares per entry cost more than re-reading the row:
 # 2048×1024 rows, k = 716, 2 cores: 20 ms at 2 ways, 59 at 4, 81 at 8, 116 at 16 (interleaved medians)
+FEW_ROWS = 64  # the wide search only for at most this many rows (decode); more rows: binary everywhere.
+# H200, 16 vs 2 ways: 0.54× the time at 1×4096 and 0.52× at 8×11008, but 1.24× at 8192×4096, and a
+# 7B-shape train step took 8.3× dense instead of 2.2× (benchmarks/RESULTS.md): with many rows the
+# 15 compares per entry, not the passes, are the cost.
 
 
 def _passes(width: int, ways: int) -> int:
@@ -85,6 +89,8 @@ def _rows_topk_mask(x: jax.Array, k: int, values_only: bool = False, ways: int |
     d = x.shape[-1]
     if k >= d:
         return jnp.ones(x.shape, bool)
+    if ways is None and x.size // d > FEW_ROWS:
+        ways = 2
     bits = lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.int32)
     # long rows: a float32 count (exact below 2^24) vectorizes better on CPU than an int32 sum of
     # booleans (~30 % faster at d=1024); short rows (N:M blocks) are the other way round (~2x)

@@ -180,9 +180,11 @@ def test_every_search_width_finds_the_kth_largest_magnitude(seed, d, ways, frac)
 
 
 def test_accelerator_programs_use_eight_passes_and_cpu_programs_binary_search():
-    """The width is chosen by the platform compiled for: the CUDA program's loop runs 8 times, the CPU one's 31."""
+    """For decode's few rows the width is chosen by the platform compiled for: the CUDA program's loop runs
+    8 times, the CPU one's 31; many rows (training) search binary everywhere."""
     f = jax.jit(lambda x: topk_mask(x, 300))
     x = jnp.ones((4, 1000), jnp.float32)
-    for platform, passes in [("cuda", 8), ("cpu", 31)]:
-        text = f.trace(x).lower(lowering_platforms=(platform,)).as_text()
+    many = jnp.ones((T.FEW_ROWS + 1, 1000), jnp.float32)
+    for platform, passes, rows in [("cuda", 8, x), ("cpu", 31, x), ("cuda", 31, many)]:
+        text = f.trace(rows).lower(lowering_platforms=(platform,)).as_text()
         assert f"constant dense<{passes}>" in text or f"constant({passes})" in text or f"= {passes} :" in text, platform
