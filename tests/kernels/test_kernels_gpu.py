@@ -35,7 +35,7 @@ def _cols(acc, w):
     return np.asarray(kp.planes_to_columns(acc, w.out_features))
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(m=st.integers(1, 40), d=st.integers(20, 300), n=st.integers(5, 90), bits=st.sampled_from([2, 1.6]),
        keep=st.floats(0.1, 1.0), seed=st.integers(0, 2**31))
 def test_gpu_matmul_kernel_equals_integer_product(m, d, n, bits, keep, seed):
@@ -44,7 +44,7 @@ def test_gpu_matmul_kernel_equals_integer_product(m, d, n, bits, keep, seed):
     np.testing.assert_array_equal(_cols(acc, w), expect)
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(m=st.integers(1, 8), d=st.integers(20, 300), n=st.integers(5, 90), bits=st.sampled_from([2, 1.6]),
        keep=st.floats(0.05, 0.9), splits=st.integers(1, 5), seed=st.integers(0, 2**31))
 def test_gpu_gather_kernel_reads_kept_rows_and_equals_integer_product(m, d, n, bits, keep, splits, seed):
