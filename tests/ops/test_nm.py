@@ -7,9 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 
 from qsparse_jax.ops import nm as ws
 
@@ -26,22 +25,22 @@ def reference_mask(scores: np.ndarray, n: int, m: int) -> np.ndarray:
 
 @st.composite
 def weights(draw):
-    """[in, out] or [L, in, out] weights: random floats, heavily tied small integers, or all zeros."""
+    """[in, out] or [L, in, out] weights, 0 < n < m: mostly normal floats (all non-zero), some heavily tied
+    small integers (numpy draws from a hypothesis seed: hypothesis' own float arrays are mostly zeros)."""
     m = draw(st.sampled_from([2, 4, 8]))
-    n = draw(st.integers(0, m))
+    n = draw(st.integers(1, m - 1))
     shape = (*draw(st.sampled_from([(), (2,)])), m * draw(st.integers(1, 4)), draw(st.integers(1, 5)))
-    kind = draw(st.sampled_from(["random", "tied", "zeros"]))
-    if kind == "zeros":
-        w = np.zeros(shape, np.float32)
-    elif kind == "tied":
-        w = draw(hnp.arrays(np.float32, shape, elements=st.integers(-2, 2).map(float)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    if draw(st.sampled_from(["random", "random", "random", "tied"])) == "tied":
+        w = rng.integers(-2, 3, shape).astype(np.float32)
     else:
-        w = draw(hnp.arrays(np.float32, shape, elements=st.floats(-10, 10, width=32)))
+        w = rng.normal(size=shape).astype(np.float32)
     return w, n, m
 
 
 @given(weights())
-def test_exactly_n_of_every_m_kept_for_random_tied_and_zero_weights(case):
+@example((np.random.default_rng(0).normal(size=(16, 3)).astype(np.float32), 2, 4))  # 2:4, the AST pattern
+def test_exactly_n_of_every_m_kept_for_random_and_tied_weights(case):
     w, n, m = case
     mask = np.asarray(ws.nm_mask(jnp.abs(jnp.asarray(w)), n, m))
     *lead, d_in, d_out = w.shape
@@ -49,6 +48,11 @@ def test_exactly_n_of_every_m_kept_for_random_tied_and_zero_weights(case):
     assert np.all(mask.reshape(*lead, d_in // m, m, d_out).sum(-2) == n)
     # the kept ones are the n largest |w| of their group, ties to the lower input index
     np.testing.assert_array_equal(mask, reference_mask(np.abs(w), n, m))
+
+
+def test_all_zero_weights_still_keep_exactly_n_per_group():
+    mask = np.asarray(ws.nm_mask(jnp.zeros((8, 3)), 2, 4))
+    assert np.all(mask.reshape(2, 4, 3).sum(-2) == 2) and mask[:2].all() and not mask[2:4].any()
 
 
 def test_magnitude_keeps_the_two_largest_of_each_group_of_four_along_the_input_axis():
