@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qsparse_jax.nn.attention import MaskSpec, attend, attention_chunked, attention_xla, resolve
+from qsparse_jax.nn.attention import MaskSpec, attend, attention_chunked, attention_cudnn, attention_xla, resolve
 
 
 def _qkv(b=2, s=40, h=4, g=2, d=16, t=None, seed=0):
@@ -84,14 +84,21 @@ def test_cudnn_only_for_16_bit_activations():
         resolve("cudnn", causal, "gpu", jnp.float32)
 
 
-def test_the_cudnn_call_means_the_same_attention():
-    """The cuDNN path's arguments (is_causal, window) describe our mask: checked with jax's XLA backend."""
+def test_the_cudnn_call_means_the_same_attention(monkeypatch):
+    """Our cuDNN path (its is_causal / window arguments) describes our mask: the real function runs with
+    jax's call swapped to the XLA backend (no GPU here) and equals the reference."""
+    real, calls = jax.nn.dot_product_attention, []
+
+    def as_xla(*args, implementation=None, **kw):
+        calls.append(implementation)
+        return real(*args, implementation="xla", **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", as_xla)
     q, k, v = _qkv()
     for kind in ("causal", "sliding window"):
         spec = _specs()[kind]
-        win = None if spec.window is None else (spec.window - 1, 0)
-        got = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=win, implementation="xla")
-        np.testing.assert_allclose(got, attention_xla(q, k, v, spec), atol=2e-5)
+        np.testing.assert_allclose(attention_cudnn(q, k, v, spec), attention_xla(q, k, v, spec), atol=2e-5)
+    assert calls == ["cudnn", "cudnn"]
 
 
 def test_flash_kernel_equals_the_reference_in_tpu_interpret_mode():
