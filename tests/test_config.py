@@ -12,10 +12,43 @@ from qsparse_jax.train.optim import lr_schedule
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
 
+# The fields that make each recipe what its name says (dotted path -> value). A new config must add a row.
+_SIZES = {"300m": (1024, 24), "700m": (1536, 24), "1.3b": (2048, 24), "7b": (4096, 32)}
+RECIPES = {
+    "tiny": {"model.dim": 256, "model.n_layers": 4, "model.activation": "relu2", "model.sparsity.qkv": 0.3,
+             "data.source": "stdlib", "train.steps": 300},
+    "ast-tiny": {"model.weight_sparsity.n": 2, "model.weight_sparsity.m": 4, "model.weight_sparsity.mask_every": 10,
+                 "model.sparsity.qkv": 0.3, "optim.weight_decay": 0.0},
+    "ast-llama2-7b": {"model.dim": 4096, "model.hidden_dim": 11008, "model.activation": "silu",
+                      "model.weight_sparsity.n": 2, "model.weight_sparsity.m": 4, "model.weight_sparsity.decay_max": 6e-5,
+                      "optim.lr": 2e-5},
+    "lte-tiny-stage1": {"model.lte.enabled": True, "model.lte.stage": 1, "model.lte.expert_size": 32},
+    "lte-tiny-stage2": {"model.lte.enabled": True, "model.lte.stage": 2, "model.lte.expert_size": 32},
+    "mistral-7b-continued-qsparse": {"model.hidden_dim": 14336, "model.n_kv_heads": 8, "model.sliding_window": 4096},
+    "mistral-7b-openorca-qsparse": {"model.hidden_dim": 14336, "data.task": "sft", "model.sparsity.down": 0.604,
+                                    "train.epochs": 1},
+}
+for _size, (_dim, _layers) in _SIZES.items():
+    RECIPES[f"{_size}-dense"] = {"model.dim": _dim, "model.n_layers": _layers, "model.sparsity.enabled": False}
+    RECIPES[f"{_size}-qsparse"] = {"model.dim": _dim, "model.n_layers": _layers, "model.sparsity.qkv": 0.3,
+                                   "model.sparsity.block_size": None}
+    RECIPES[f"{_size}-block"] = {"model.dim": _dim, "model.sparsity.block_size": 32}
+    RECIPES[f"{_size}-bitnet-qsparse"] = {"model.dim": _dim, "model.weight_bits": "1.58", "model.act_bits": 8}
+
+
+def _field(cfg, dotted):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
-def test_every_shipped_config_loads_and_validates(path):
+def test_every_shipped_config_loads_and_is_the_recipe_its_name_says(path):
     cfg = load_config(str(path))
     assert isinstance(cfg, Config)
+    assert path.stem in RECIPES, f"configs/{path.name}: add its key fields to RECIPES"
+    for dotted, want in RECIPES[path.stem].items():
+        assert _field(cfg, dotted) == want, f"{path.name}: {dotted} = {_field(cfg, dotted)!r}, expected {want!r}"
 
 
 def test_paper_configs_carry_the_papers_hyperparameters():
