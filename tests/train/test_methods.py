@@ -63,12 +63,30 @@ def test_ast_gradient_is_straight_through_dense():
     np.testing.assert_allclose(np.asarray(grad["weight"][...]), np.asarray(x).T @ np.asarray(g), rtol=1e-5, atol=1e-6)
 
 
-def test_ast_with_ternary_weights_keeps_the_n_m_zeros():
+def test_ast_with_quantized_weights_is_the_quantizer_of_the_masked_weight():
+    """Effective weight = Q_w(W ⊙ M) with M the 2:4 magnitude mask, rebuilt here in numpy: the ternary
+    levels exactly (absmean scale of W ⊙ M, Eq. 9-10) and 1-bit sign(W ⊙ M − mean)·mean|W ⊙ M| inside M."""
     for bits in ("1.58", "1"):
         cfg = ModelConfig(weight_sparsity={"n": 2, "m": 4}, weight_bits=bits)
         lin = SparseLinear(16, 8, keep=None, cfg=cfg, axes=("embed", "mlp"), rngs=nnx.Rngs(0))
-        w = np.asarray(lin.effective_weight())
-        assert np.all((w.reshape(4, 4, 8) != 0).sum(1) <= 2)
+        w = np.asarray(lin.weight[...], np.float64)
+        a = np.abs(w).reshape(4, 4, 8)
+        rank = (a[:, None, :, :] > a[:, :, None, :]).sum(2) + (
+            (a[:, None, :, :] == a[:, :, None, :]) & (np.arange(4)[None, :] < np.arange(4)[:, None])[None, :, :, None]
+        ).sum(2)
+        mask = (rank < 2).reshape(16, 8)
+        np.testing.assert_array_equal(np.asarray(lin.mask[...]), mask)
+        wm = w * mask
+        got = np.asarray(lin.effective_weight(), np.float64)
+        assert np.all((got.reshape(4, 4, 8) != 0).sum(1) <= 2) and np.all(got[~mask] == 0)
+        if bits == "1.58":
+            sc = 1.0 / max(np.abs(wm).mean(), 1e-5)
+            levels = np.clip(np.round(wm * sc), -1, 1)
+            np.testing.assert_array_equal(np.round(got * sc), levels)
+            np.testing.assert_allclose(got, levels / sc, rtol=1e-6)
+        else:
+            want = np.where(mask, np.sign(wm - wm.mean()) * np.abs(wm).mean(), 0.0)
+            np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_slorb_adds_s_times_group_sums_initialized_to_pruned_group_means():
