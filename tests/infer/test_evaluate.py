@@ -161,13 +161,32 @@ def test_eval_cli_perplexity_and_multiple_choice_dense_vs_sparse(byte_llama, tmp
     ld = load(hf=str(path), tokenizer="byte")
     assert ld.prefix_id == 0 and ld.bos_id is None
     ids = list((tmp_path / "text.txt").read_bytes())
-    total = 0.0
-    for ctx, cont in rolling_windows(ids, 0, 64):
-        seq = ctx + cont
-        with torch.no_grad():
-            logp = torch.log_softmax(hf(torch.as_tensor([seq[:-1]])).logits[0], -1).numpy()
-        total += sum(logp[len(ctx) - 1 + j, t] for j, t in enumerate(cont))
-    assert dense["perplexity"] == pytest.approx(np.exp(-total / len(ids)), rel=1e-4)
+
+    def hf_perplexity():
+        total = 0.0
+        for ctx, cont in rolling_windows(ids, 0, 64):
+            seq = ctx + cont
+            with torch.no_grad():
+                logp = torch.log_softmax(hf(torch.as_tensor([seq[:-1]])).logits[0], -1).numpy()
+            total += sum(logp[len(ctx) - 1 + j, t] for j, t in enumerate(cont))
+        return np.exp(-total / len(ids))
+
+    assert dense["perplexity"] == pytest.approx(hf_perplexity(), rel=1e-4)
+    # the sparse column is Q-Sparse: per-token top-K (keep int(0.6 · in)) of the input of every linear
+    # projection of the blocks, here as torch pre-hooks on transformers' model (no code of ours)
+    hooks = []
+    for mod in hf.model.layers.modules():
+        if isinstance(mod, torch.nn.Linear):
+            def top_k(_, args, k=int(0.6 * mod.in_features)):
+                x = args[0]
+                keep = x.abs().topk(k, dim=-1).indices
+                return (torch.zeros_like(x).scatter(-1, keep, x.gather(-1, keep)),)
+            hooks.append(mod.register_forward_pre_hook(top_k))
+    try:
+        assert sparse["perplexity"] == pytest.approx(hf_perplexity(), rel=1e-4)
+    finally:
+        for h in hooks:
+            h.remove()
     assert variant(ld.model, SparsityConfig())[0].config.sparsity == SparsityConfig()
 
 
