@@ -19,7 +19,7 @@ SRC = Path(__file__).resolve().parents[1] / PACKAGE
 # ``__init__`` ("") runs before any of its modules, so it sits at the bottom (its exports are imported on
 # first use, by name); ``python -m qsparse_jax`` (``__main__``) at the top.
 LAYERS = [
-    {"", "errors", "_quiet_tpu"},
+    {"", "errors", "_quiet_tpu", "progress"},
     {"ops"},
     {"kernels"},
     {"config"},

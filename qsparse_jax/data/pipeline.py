@@ -1,8 +1,8 @@
 """Input pipeline: corpora → tokens → packed windows → deterministic, resumable grain batches.
 
 The default corpus is embedded in every Python install: the standard library's own ``.py`` sources.
-Documents are split into train / validation by a hash of their name (stable across runs and
-machines), tokenized (bytes by default, or any HF ``tokenizer.json``), joined with a separator token
+Documents are split into train / validation by a hash of their name (relative to the corpus, so
+stable across runs, machines and moves of the corpus), tokenized (bytes by default, or any HF ``tokenizer.json``), joined with a separator token
 and cut into windows of ``seq_len + 1`` tokens. Large corpora are tokenized once by
 ``qsparse prepare`` and memory-mapped here (``shards.py``); several prepared
 corpora can be mixed by weight (``Mixture``). A grain ``MapDataset`` shuffles windows with a seed,
@@ -26,18 +26,16 @@ import numpy as np
 from ..config import DataConfig
 from ..errors import DataError
 from .corpus import (
+    document_name,
     file_format,
     is_validation,
     read_documents,
-    read_text,
     stdlib_files,
     stdlib_root,
 )
 from .sft import load_sft
 from .shards import ShardedTokens, is_prepared, read_manifest
 from .tokenizer import make_tokenizer
-
-_read_text = read_text  # sft.py's name for it
 
 
 def _file_format(path: Path, fmt: str) -> str:
@@ -46,12 +44,14 @@ def _file_format(path: Path, fmt: str) -> str:
     return file_format(path) or "text"
 
 
-def iter_documents(cfg: DataConfig) -> Iterator[tuple[str, str]]:
-    """(name, text) for every document of the configured corpus, in a fixed order, streamed."""
+def documents(cfg: DataConfig) -> Iterator[tuple[str, str, int]]:
+    """``(name, text, invalid UTF-8 bytes replaced)`` for every document of the configured corpus, in a
+    fixed order, streamed. A text file is one document (``prepare --split_docs file``); names are
+    relative to the corpus (``corpus.document_name``), so the split does not depend on where it lives."""
     if cfg.source == "stdlib":
         root = stdlib_root()
         for f in stdlib_files():
-            yield f.relative_to(root).as_posix(), read_text(f)
+            yield from read_documents(f, "text", cfg.text_field, f.relative_to(root).as_posix())
         return
     src = Path(cfg.source)
     if not src.exists():
@@ -60,7 +60,13 @@ def iter_documents(cfg: DataConfig) -> Iterator[tuple[str, str]]:
     if src.is_dir() and cfg.format == "auto":
         files = [p for p in files if file_format(p) is not None]
     for f in files:
-        yield from read_documents(f, _file_format(f, cfg.format), cfg.text_field)
+        yield from read_documents(f, _file_format(f, cfg.format), cfg.text_field, document_name(src, f))
+
+
+def iter_documents(cfg: DataConfig) -> Iterator[tuple[str, str]]:
+    """(name, text) for every document of the configured corpus, in a fixed order, streamed."""
+    for name, text, _ in documents(cfg):
+        yield name, text
 
 
 @dataclass
@@ -84,9 +90,16 @@ def tokenize_corpus(cfg: DataConfig, tokenizer=None) -> TokenSplits:
     tok = tokenizer or make_tokenizer(cfg.tokenizer)
     parts: dict[bool, list[np.ndarray]] = {False: [], True: []}
     sep = np.asarray([tok.separator], np.int32)
-    for name, text in iter_documents(cfg):
+    bad_docs = bad_bytes = 0
+    first = ""
+    for name, text, bad in documents(cfg):
+        if bad:
+            bad_docs, bad_bytes, first = bad_docs + 1, bad_bytes + bad, first or name
         if text:
             parts[is_validation(name, cfg.val_fraction)] += [tok.encode(text).astype(np.int32), sep]
+    if bad_docs:
+        print(f"note: data.source {cfg.source}: invalid UTF-8 in {bad_docs:,} documents ({bad_bytes:,} bytes, first: "
+              f"{first}) read as U+FFFD", file=sys.stderr, flush=True)
     if not parts[False] and not parts[True]:
         raise DataError(f"data.source {cfg.source!r} holds no text")
     if not parts[True] or not parts[False]:  # tiny corpora: hold out the last document instead

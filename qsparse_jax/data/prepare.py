@@ -1,7 +1,8 @@
 """Prepare a corpus once: stream documents, tokenize in worker processes, write memory-mappable shards.
 
 ``qsparse prepare --source SRC [SRC ...] --tokenizer byte|PATH/tokenizer.json --out DIR
-[--workers N] [--shard_index I --num_shards N] [--val_fraction F] [--text_field F]``
+[--workers N] [--shard_index I --num_shards N] [--val_fraction F] [--text_field F]
+[--split_docs line|paragraph|file] [--strict_utf8]``
 
 Training then reads ``data.source=DIR`` without tokenizing anything (``shards.py``), the way
 Megatron / nanoGPT read pre-tokenized binaries and levanter its cache. Layout of ``DIR``:
@@ -22,6 +23,22 @@ Parquet file larger than that is split by row groups). Chunk ``c`` belongs to pa
 ``c mod --num_shards``, so N machines or processes prepare disjoint parts into one directory (a
 shared file system, or copy the parts together and run ``--merge``); the part that finishes last
 writes the manifest. Shards are named by chunk, so one process and N parts write the same files.
+
+Documents (``corpus.py``): a record of a JSONL / Parquet / ArrayRecord file is one; a plain text file
+is split by ``--split_docs``, by default into ``line``s, as HF ``datasets``' ``text`` loader does (its
+``sample_by="line"`` default: what a user of a big ``.txt`` expects, and the only choice that gives a
+single file a validation split); ``paragraph`` splits at blank lines, ``file`` keeps each file whole
+(code, Markdown). The embedded ``stdlib`` corpus stays one document per module unless
+``--split_docs`` is given, as ``data.source=stdlib`` reads it in memory.
+
+A prepare never ends "complete" with an empty split: with ``--val_fraction`` > 0 and no validation
+document (or no training one) it is a one-line error saying what to change, and the shards are removed.
+A prepare that fails on its input (bad JSONL, a missing ``--text_field``, ``--strict_utf8``) removes
+what it wrote when it started the directory alone (one part), so the corrected command runs; a
+directory holding another prepare is refused with a line saying to delete it or choose another
+``--out``. Invalid UTF-8 is read as U+FFFD, counted (documents, bytes, the first document) in the
+summary and the manifest (``invalid_utf8``), or refused by ``--strict_utf8``. Progress: a tqdm bar
+when stderr is a terminal, else a plain line on stderr every 10 s (``QSPARSE_PROGRESS_S``).
 """
 
 from __future__ import annotations
@@ -38,16 +55,26 @@ from pathlib import Path
 
 import numpy as np
 
+from tqdm import tqdm
+
 from ..errors import DataError
-from .corpus import InputFile, is_validation, list_inputs, read_documents
+from ..progress import duration, interactive, interval
+from .corpus import SPLIT_MODES, InputFile, is_validation, list_inputs, read_documents
 from .shards import FORMAT, PREPARE_VERSION
 from .tokenizer import make_tokenizer
+
+OWN = {"train", "val", "chunks", "prepare.json", "manifest.json", "tokenizer.json"}  # what prepare writes in --out
 
 
 @dataclass(frozen=True)
 class Piece:
     file: InputFile
     row_groups: tuple[int, int] | None = None  # Parquet: a half-open range of row groups
+    size: int | None = None  # bytes on disk, when a part of the file
+
+    @property
+    def disk(self) -> int:
+        return self.file.size if self.size is None else self.size
 
 
 def plan_chunks(files: list[InputFile], chunk_bytes: int) -> list[list[Piece]]:
@@ -70,7 +97,7 @@ def plan_chunks(files: list[InputFile], chunk_bytes: int) -> list[list[Piece]]:
             for g, b in enumerate(per_group):
                 acc += b * scale
                 if acc >= chunk_bytes or g == len(per_group) - 1:
-                    chunks.append([Piece(f, (lo, g + 1))])
+                    chunks.append([Piece(f, (lo, g + 1), int(acc))])
                     lo, acc = g + 1, 0.0
             continue
         cur.append(Piece(f))
@@ -99,29 +126,34 @@ def _init_worker(spec: str, dtype: str, single_threaded: bool):
 
 
 def _encode(job):
-    """(chunk, flags, texts, end) → (chunk, flags, token arrays with the separator appended, end, bytes)."""
-    cid, flags, texts, end = job
+    """(chunk, flags, texts, end, bad) → (chunk, flags, token arrays with the separator appended, end,
+    text bytes, bad): ``bad`` (invalid UTF-8 of the batch) passes through."""
+    cid, flags, texts, end, bad = job
     tok, dtype = _TOKENIZER
     sep = np.asarray([tok.separator], dtype)
     arrays = [np.concatenate([ids.astype(dtype), sep]) for ids in tok.encode_batch(texts)]
-    return cid, flags, arrays, end, sum(len(t.encode("utf-8", errors="replace")) for t in texts)
+    return cid, flags, arrays, end, sum(len(t.encode("utf-8", errors="replace")) for t in texts), bad
 
 
-def _jobs(todo: list[tuple[int, list[Piece]]], field: str, val_fraction: float, batch_bytes: int = 1 << 20):
-    """Batches of about ``batch_bytes`` of text, in document order; the last of a chunk has end=True."""
+def _jobs(todo: list[tuple[int, list[Piece]]], a: "PrepareArgs", batch_bytes: int = 1 << 20):
+    """Batches of about ``batch_bytes`` of text, in document order; the last of a chunk has end=True.
+    Each carries ``bad = [documents, bytes, first document]`` of the invalid UTF-8 it replaced."""
     for cid, pieces in todo:
-        flags, texts, size = [], [], 0
+        flags, texts, size, bad = [], [], 0, [0, 0, None]
         for p in pieces:
-            for name, text in read_documents(p.file.path, p.file.fmt, field, p.file.name, p.row_groups):
+            for name, text, nbad in read_documents(p.file.path, p.file.fmt, a.text_field, p.file.name, p.row_groups,
+                                                   a.split_for(p.file.source), a.strict_utf8):
+                if nbad:
+                    bad = [bad[0] + 1, bad[1] + nbad, bad[2] or name]
                 if not text:
                     continue
-                flags.append(is_validation(name, val_fraction))
+                flags.append(is_validation(name, a.val_fraction))
                 texts.append(text)
                 size += len(text)
                 if size >= batch_bytes:
-                    yield cid, flags, texts, False
-                    flags, texts, size = [], [], 0
-        yield cid, flags, texts, True
+                    yield cid, flags, texts, False, bad
+                    flags, texts, size, bad = [], [], 0, [0, 0, None]
+        yield cid, flags, texts, True, bad
 
 
 def _write_atomic(path: Path, data: bytes):
@@ -175,37 +207,40 @@ class ShardWriter:
 
 
 class _Meter:
-    """A progress bar (terminal) or a line every 15 s (logs) with MB/s, tokens/s and ETA."""
+    """Progress (``qsparse_jax.progress``'s rules): a tqdm bar of input bytes on a terminal, else a plain
+    line on stderr every ``progress.interval()`` seconds (no carriage returns; a short prepare prints only
+    its summary), with MB/s of text, tokens/s and the time left from the input bytes done."""
 
     def __init__(self, total_bytes: int):
-        self.total, self.t0, self.last = total_bytes, time.time(), 0.0
-        self.tty = sys.stderr.isatty() and not os.environ.get("CI")
-        self.text_bytes = self.tokens = self.done_bytes = 0
+        self.total, self.t0 = total_bytes, time.time()
+        self.last, self.every = self.t0, interval()
+        self.text_bytes = self.tokens = 0
+        self.bar = tqdm(total=total_bytes, desc="prepare", unit="B", unit_scale=True, file=sys.stderr,
+                        dynamic_ncols=True) if interactive() else None
 
-    def update(self, text_bytes: int, tokens: int, done_bytes: int = 0, force: bool = False):
+    def update(self, text_bytes: int, tokens: int, done_bytes: int):
+        """Add a batch's text bytes and tokens; ``done_bytes``: input bytes done so far (an estimate)."""
         self.text_bytes += text_bytes
         self.tokens += tokens
-        self.done_bytes += done_bytes
         now = time.time()
-        if not force and now - self.last < (0.5 if self.tty else 15):
+        el = max(now - self.t0, 1e-9)
+        done = min(done_bytes, self.total)
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{self.tokens:,} tokens, {self.tokens / el:,.0f} tok/s", refresh=False)
+            self.bar.update(done - self.bar.n)
+            return
+        if now - self.last < self.every:
             return
         self.last = now
-        el = max(now - self.t0, 1e-9)
-        frac = self.done_bytes / max(self.total, 1)
-        eta = el * (1 - frac) / frac if frac > 0 else float("nan")
-        eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "?"
-        text = (f"{100 * frac:5.1f}% {self.text_bytes / 1e6 / el:7.1f} MB/s {self.tokens / el:12,.0f} tok/s "
-                f"{self.tokens:,} tokens ETA {eta_s}")
-        if self.tty:
-            bar = int(24 * frac)
-            sys.stderr.write(f"\r[{'#' * bar}{'.' * (24 - bar)}] {text}  ")
-            sys.stderr.flush()
-        else:
-            print(f"prepare: {text}", flush=True)
+        frac = done / max(self.total, 1)
+        left = el * (1 - frac) / frac if frac > 0 else float("nan")
+        print(f"prepare: {100 * frac:.1f}% of {self.total / 1e6:,.1f} MB, {self.text_bytes / 1e6 / el:,.1f} MB/s, "
+              f"{self.tokens:,} tokens ({self.tokens / el:,.0f}/s), {duration(now - self.t0)}, ~{duration(left)} left",
+              file=sys.stderr, flush=True)
 
     def close(self):
-        if self.tty:
-            sys.stderr.write("\n")
+        if self.bar is not None:
+            self.bar.close()
 
 
 @dataclass
@@ -220,6 +255,8 @@ class PrepareArgs:
     text_field: str = "text"
     shard_tokens: int = 1 << 26  # 64 Mi tokens: 128 MiB as uint16
     chunk_mb: float = 256.0
+    split_docs: str | None = None  # line | paragraph | file; None: line (stdlib: file)
+    strict_utf8: bool = False
 
     def check(self):
         if not self.sources:
@@ -234,6 +271,12 @@ class PrepareArgs:
             raise DataError(f"--shard_tokens must be >= 1, got {self.shard_tokens}")
         if not self.chunk_mb > 0:
             raise DataError(f"--chunk_mb must be positive, got {self.chunk_mb}")
+        if self.split_docs is not None and self.split_docs not in SPLIT_MODES:
+            raise DataError(f"--split_docs must be one of {', '.join(SPLIT_MODES)}, got {self.split_docs!r}")
+
+    def split_for(self, source: str) -> str:
+        """How the plain text files of ``source`` become documents."""
+        return self.split_docs or ("file" if source == "stdlib" else "line")
 
 
 def _settings(a: PrepareArgs, tok, dtype: np.dtype, chunks) -> dict:
@@ -244,61 +287,151 @@ def _settings(a: PrepareArgs, tok, dtype: np.dtype, chunks) -> dict:
                           "fingerprint": tok.fingerprint(), "vocab_size": int(tok.vocab_size),
                           "separator": int(tok.separator)},
             "dtype": dtype.name, "val_fraction": a.val_fraction, "text_field": a.text_field,
+            "split_docs": [a.split_for(s) for s in a.sources], "strict_utf8": a.strict_utf8,
             "shard_tokens": a.shard_tokens, "chunk_mb": a.chunk_mb, "chunks": len(chunks), "input_plan": plan}
 
 
-def _claim(out: Path, settings: dict):
-    """Record the settings, or check that an earlier run / another part used the same ones."""
+def _check_out(out: Path):
+    """``--out`` is new, empty, or a prepare output (never a directory of other files, which a failed
+    prepare could not clean up after)."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; name a new or empty directory")
+    if out.is_dir():
+        other = sorted(p.name for p in out.iterdir() if p.name not in OWN and not p.name.endswith(".tmp"))
+        if other and not (out / "prepare.json").exists():
+            raise DataError(f"--out {out} holds other files (e.g. {other[0]}) and no prepare output; "
+                            f"name a new or empty directory")
+
+
+def _claim(out: Path, settings: dict) -> bool:
+    """Record the settings (True), or check that an earlier run / another part used the same ones (False)."""
     path = out / "prepare.json"
     if path.exists():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise DataError(f"--out {out}: its prepare.json is unreadable; delete {out} or choose another --out") from None
         diff = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
         if diff:
             what = "the input files changed" if diff == ["input_plan"] else f"{', '.join(diff)} differ"
-            raise DataError(f"--out {out} was prepared with other arguments or inputs ({what}); "
-                            f"re-run with the same ones or use a new --out")
-        return
+            finished = "complete" if (out / "manifest.json").exists() else "unfinished"
+            raise DataError(f"--out {out} was prepared with other arguments or inputs ({what}; {finished}): delete "
+                            f"{out} or choose another --out (the same arguments continue an unfinished one)")
+        return False
     try:  # parts racing to create it write the same bytes
         _write_json(path, settings)
     except FileNotFoundError:
         pass
+    return True
+
+
+def _remove_output(out: Path, made_dir: bool):
+    """Remove what prepare writes in ``out`` (and ``out`` itself when this run made it)."""
+    for name in OWN:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    for p in out.glob("*.tmp"):
+        p.unlink(missing_ok=True)
+    if made_dir:
+        try:
+            out.rmdir()
+        except OSError:
+            pass
+
+
+def _check_splits(settings: dict, splits: dict):
+    """One line when the prepared corpus could not train: no text, or an empty split that was asked for."""
+    tr, va = splits["train"]["documents"], splits["val"]["documents"]
+    n, vf = tr + va, settings["val_fraction"]
+    docs = f"{n:,} document" + ("s" if n != 1 else "")
+    if splits["train"]["tokens"] + splits["val"]["tokens"] == 0:
+        raise DataError(f"the sources {' '.join(settings['sources'])} hold no text")
+    more = ("split the text files into more documents (--split_docs line or paragraph) or add documents"
+            if "file" in settings.get("split_docs", ["file"]) else "add documents")
+    if va == 0 and vf > 0:
+        raise DataError(f"--val_fraction {vf} put none of the {docs} into validation (each is chosen by a "
+                        f"hash of its name, about {vf * n:.2g} expected): {more}, or raise --val_fraction")
+    if tr == 0:
+        raise DataError(f"--val_fraction {vf} put all {docs} into validation: {more}, or lower --val_fraction")
 
 
 def merge(out: Path) -> dict | None:
-    """Write ``manifest.json`` from the finished chunks; None while some chunk is unfinished."""
-    settings = json.loads((out / "prepare.json").read_text())
-    n = settings["chunks"]
-    records = []
-    for c in range(n):
-        p = out / "chunks" / f"c{c:06d}.json"
-        if not p.exists():
-            return None
-        records.append(json.loads(p.read_text()))
+    """Write ``manifest.json`` from the finished chunks; None while some chunk is unfinished; a one-line
+    ``DataError`` (nothing written) when the corpus has no text or an empty split (``_check_splits``)."""
+    try:
+        settings = json.loads((out / "prepare.json").read_text())
+        records = []
+        for c in range(settings["chunks"]):
+            p = out / "chunks" / f"c{c:06d}.json"
+            if not p.exists():
+                return None
+            records.append(json.loads(p.read_text()))
+    except FileNotFoundError:  # another part found the finished corpus unusable and removed it
+        raise DataError(f"{out}: the prepare output was removed while merging (see the other parts' errors)") from None
     splits = {}
     for split in ("train", "val"):
         shards = [s for r in records for s in r[split]]
         splits[split] = {"tokens": sum(s["tokens"] for s in shards), "documents": sum(s["documents"] for s in shards),
                          "shards": shards}
-    manifest = {**settings, "text_bytes": sum(r["text_bytes"] for r in records), "splits": splits}
-    if splits["train"]["tokens"] == 0:
-        raise DataError(f"the sources {' '.join(settings['sources'])} hold no text")
+    bad = [r.get("invalid_utf8", {}) for r in records]
+    invalid = {"documents": sum(b.get("documents", 0) for b in bad), "bytes": sum(b.get("bytes", 0) for b in bad),
+               "first": next((b["first"] for b in bad if b.get("first")), None)}
+    _check_splits(settings, splits)
+    manifest = {**settings, "text_bytes": sum(r["text_bytes"] for r in records), "invalid_utf8": invalid,
+                "splits": splits}
     _write_json(out / "manifest.json", manifest)
     return manifest
+
+
+class _Unusable(DataError):
+    """Raised by ``_run`` when ``merge`` refused the finished corpus."""
+
+
+def _utf8_note(bad: dict) -> str:
+    return (f"note: invalid UTF-8 in {bad['documents']:,} documents ({bad['bytes']:,} bytes; first: {bad['first']}) "
+            f"was read as U+FFFD; --strict_utf8 refuses such input")
 
 
 def prepare(a: PrepareArgs) -> dict:
     """Prepare this part; returns a summary (and the manifest once every part is done)."""
     a.check()
-    t0 = time.time()
     tok = make_tokenizer(a.tokenizer)
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
     files, skipped = list_inputs(a.sources, a.text_field)
     chunks = plan_chunks(files, int(a.chunk_mb * 1e6))
     out = Path(a.out)
+    _check_out(out)
+    made_dir = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     for d in ("train", "val", "chunks"):
         (out / d).mkdir(exist_ok=True)
-    _claim(out, _settings(a, tok, dtype, chunks))
+    try:
+        owner = _claim(out, _settings(a, tok, dtype, chunks))
+    except DataError:
+        if made_dir:
+            _remove_output(out, made_dir)
+        raise
+    if a.split_docs is not None and not any(f.fmt == "text" for f in files):
+        print(f"note: --split_docs {a.split_docs} applies to plain text files; the sources have none (records of "
+              f"JSONL / Parquet / ArrayRecord files are documents as they are)", file=sys.stderr, flush=True)
+    try:
+        return _run(a, out, tok, dtype, files, skipped, chunks)
+    except _Unusable as e:  # every chunk is done and the result cannot train: it helps no one
+        _remove_output(out, made_dir)
+        raise DataError(f"{e}; nothing was written" if made_dir else f"{e}; the shards written to {out} were removed") from None
+    except DataError as e:
+        if owner and a.num_shards == 1:  # this run started the directory alone: leave nothing behind
+            _remove_output(out, made_dir)
+            raise
+        raise DataError(f"{e} ({out} keeps its finished chunks: fix the input and re-run the same command, "
+                        f"or delete {out})") from None
+
+
+def _run(a: PrepareArgs, out: Path, tok, dtype, files, skipped, chunks) -> dict:
+    t0 = time.time()
     if a.tokenizer != "byte" and not (out / "tokenizer.json").exists():
         shutil.copyfile(a.tokenizer, out / "tokenizer.json.tmp")  # the dataset names its own tokenizer
         os.replace(out / "tokenizer.json.tmp", out / "tokenizer.json")
@@ -308,13 +441,16 @@ def prepare(a: PrepareArgs) -> dict:
     print(f"prepare:{part} {len(files)} files ({sum(f.size for f in files) / 1e6:,.1f} MB) in {len(chunks)} chunks; "
           f"{len(mine)} chunks here, {len(mine) - len(todo)} already done"
           + (f"; skipped {len(skipped)} files of unknown type (e.g. {skipped[0]})" if skipped else ""), flush=True)
-    meter = _Meter(sum(pc.file.size for _, ps in todo for pc in ps))
+    disk = {c: sum(pc.disk for pc in ps) for c, ps in todo}
+    meter = _Meter(sum(disk.values()))
     writers: dict[int, dict[bool, ShardWriter]] = {}
-    stats = {"documents": 0, "text_bytes": 0}
+    stats = {"documents": 0, "text_bytes": 0, "done": 0}
     per_chunk_bytes: dict[int, int] = {}
+    invalid: dict[int, list] = {}
+    total_bad = {"documents": 0, "bytes": 0, "first": None}
 
     def handle(result):
-        cid, flags, arrays, end, nbytes = result
+        cid, flags, arrays, end, nbytes, bad = result
         w = writers.setdefault(cid, {v: ShardWriter(out, "val" if v else "train", cid, dtype, a.shard_tokens)
                                      for v in (False, True)})
         for is_val, t in zip(flags, arrays):
@@ -322,41 +458,55 @@ def prepare(a: PrepareArgs) -> dict:
         stats["documents"] += len(arrays)
         stats["text_bytes"] += nbytes
         per_chunk_bytes[cid] = per_chunk_bytes.get(cid, 0) + nbytes
-        done = 0
+        b = invalid.setdefault(cid, [0, 0, None])
+        invalid[cid] = [b[0] + bad[0], b[1] + bad[1], b[2] or bad[2]]
         if end:
+            docs, nbad, first = invalid.pop(cid)
             record = {"chunk": cid, "train": w[False].close(), "val": w[True].close(),
-                      "text_bytes": per_chunk_bytes.pop(cid)}
+                      "text_bytes": per_chunk_bytes.pop(cid),
+                      "invalid_utf8": {"documents": docs, "bytes": nbad, "first": first}}
             _write_json(out / "chunks" / f"c{cid:06d}.json", record)
             del writers[cid]
-            done = sum(pc.file.size for pc in chunks[cid])
-        meter.update(nbytes, sum(len(t) for t in arrays), done, force=end and done == meter.total)
+            stats["done"] += disk[cid]
+            total_bad.update(documents=total_bad["documents"] + docs, bytes=total_bad["bytes"] + nbad,
+                             first=total_bad["first"] or first)
+        partial = sum(min(n, disk[c]) for c, n in per_chunk_bytes.items())  # text read so far of open chunks
+        meter.update(nbytes, sum(len(t) for t in arrays), stats["done"] + partial)
 
-    jobs = _jobs(todo, a.text_field, a.val_fraction)
-    if a.workers == 1:
-        _init_worker(a.tokenizer, dtype.name, False)
-        for job in jobs:
-            handle(_encode(job))
-    else:
-        import multiprocessing as mp
+    jobs = _jobs(todo, a)
+    try:
+        if a.workers == 1:
+            _init_worker(a.tokenizer, dtype.name, False)
+            for job in jobs:
+                handle(_encode(job))
+        else:
+            import multiprocessing as mp
 
-        # spawn: the parent may hold threads (tokenizers' rayon pool) that fork would copy mid-flight
-        with mp.get_context("spawn").Pool(a.workers, _init_worker, (a.tokenizer, dtype.name, True)) as pool:
-            pending: deque = deque()
-            for job in jobs:  # bounded read-ahead: never more than 2 batches per worker in flight
-                pending.append(pool.apply_async(_encode, (job,)))
-                if len(pending) >= 2 * a.workers:
+            # spawn: the parent may hold threads (tokenizers' rayon pool) that fork would copy mid-flight
+            with mp.get_context("spawn").Pool(a.workers, _init_worker, (a.tokenizer, dtype.name, True)) as pool:
+                pending: deque = deque()
+                for job in jobs:  # bounded read-ahead: never more than 2 batches per worker in flight
+                    pending.append(pool.apply_async(_encode, (job,)))
+                    if len(pending) >= 2 * a.workers:
+                        handle(pending.popleft().get())
+                while pending:
                     handle(pending.popleft().get())
-            while pending:
-                handle(pending.popleft().get())
-    meter.close()
-    manifest = merge(out)
+    finally:
+        meter.close()
+    try:
+        manifest = merge(out)
+    except DataError as e:
+        raise _Unusable(str(e)) from None
     el = time.time() - t0
     summary = {"documents": stats["documents"], "text_bytes": stats["text_bytes"], "tokens": meter.tokens,
                "seconds": el, "mb_per_s": stats["text_bytes"] / 1e6 / max(el, 1e-9),
-               "tokens_per_s": meter.tokens / max(el, 1e-9), "complete": manifest is not None}
+               "tokens_per_s": meter.tokens / max(el, 1e-9), "complete": manifest is not None,
+               "invalid_utf8": manifest["invalid_utf8"] if manifest else total_bad}
     print(f"prepare:{part} {stats['documents']:,} documents, {stats['text_bytes'] / 1e6:,.1f} MB of text -> "
           f"{meter.tokens:,} tokens in {el:.1f} s ({summary['mb_per_s']:.1f} MB/s, {summary['tokens_per_s']:,.0f} tok/s)",
           flush=True)
+    if summary["invalid_utf8"]["documents"]:
+        print(_utf8_note(summary["invalid_utf8"]), file=sys.stderr, flush=True)
     if manifest is not None:
         tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
         print(f"prepare: {out} complete: train {tr['tokens']:,} tokens / {tr['documents']:,} documents in "
@@ -366,7 +516,6 @@ def prepare(a: PrepareArgs) -> dict:
         print(f"prepare:{part} done; {out} is complete when every part has finished (the last one writes "
               f"manifest.json, or run --merge after copying the parts together)", flush=True)
     return {**summary, "manifest": manifest}
-
 
 
 def merge_parts(out: str | Path) -> Path:

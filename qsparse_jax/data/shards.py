@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import DataError
 
-PREPARE_VERSION = 1
+PREPARE_VERSION = 2  # 2: plain text files split by --split_docs (default: lines); invalid UTF-8 counted (invalid_utf8)
 FORMAT = "qsparse-jax prepared tokens"
 MANIFEST = "manifest.json"
 

@@ -106,3 +106,41 @@ def test_arrayrecord_source(tmp_path):
     writer.close()
     docs = list(iter_documents(DataConfig(source=str(path))))
     assert len(docs) == 9 and docs[0][1].startswith("record 0") and docs[8][1] == "raw utf-8 text record"
+
+
+def _word_files(d, n=40):
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        (d / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(["a", "bb", "ccc", "dddd"], 50)) + "\n")
+    return d
+
+
+def test_the_split_depends_on_names_in_the_corpus_not_where_it_lives(tmp_path):
+    a, b = _word_files(tmp_path / "x" / "corpus"), _word_files(tmp_path / "y" / "deeper" / "corpus")
+    sa, sb = (tokenize_corpus(DataConfig(source=str(s), val_fraction=0.25)) for s in (a, b))
+    assert 0 < sa.n_docs[1] < 40  # a real hash split, not the tiny-corpus fallback
+    np.testing.assert_array_equal(sa.train, sb.train)
+    np.testing.assert_array_equal(sa.val, sb.val)
+    names = [n for n, _ in iter_documents(DataConfig(source=str(a)))]
+    assert names[0] == "corpus/doc00.txt" and [n for n, _ in iter_documents(DataConfig(source=str(a / "doc00.txt")))] == ["doc00.txt"]
+
+
+def test_a_prepared_directory_splits_as_the_same_directory_read_in_memory(tmp_path):
+    from qsparse_jax.cli.prepare import main as prepare_main
+    from qsparse_jax.data.shards import ShardedTokens
+
+    src = _word_files(tmp_path / "corpus")
+    assert prepare_main(["--source", str(src), "--out", str(tmp_path / "p"), "--split_docs", "file",
+                         "--val_fraction", "0.25"]) == 0
+    mem = tokenize_corpus(DataConfig(source=str(src), val_fraction=0.25))
+    np.testing.assert_array_equal(ShardedTokens(tmp_path / "p", "train")[:], mem.train)
+    np.testing.assert_array_equal(ShardedTokens(tmp_path / "p", "val")[:], mem.val)
+
+
+def test_invalid_utf8_read_in_memory_is_reported(tmp_path, capsys):
+    src = _word_files(tmp_path / "corpus", 8)
+    (src / "bad.txt").write_bytes(b"caf\xe9 \xff\n")
+    splits = tokenize_corpus(DataConfig(source=str(src)))
+    assert "invalid UTF-8 in 1 documents (2 bytes, first: corpus/bad.txt) read as U+FFFD" in capsys.readouterr().err
+    assert splits.vocab_size == 256

@@ -255,10 +255,11 @@ def test_bad_prepare_inputs_exit_2_with_one_line(tmp_path, corpus, capsys):
     for args, msg in cases:
         assert msg in _one_line_error(capsys, _prepare(*args, "--out", tmp_path / "o")), msg
     out = tmp_path / "done"
-    assert _prepare("--source", corpus / "part0", "--out", out) == 0
+    assert _prepare("--source", corpus / "part0", "--out", out, "--val_fraction", 0.2) == 0
     capsys.readouterr()
     err = _one_line_error(capsys, _prepare("--source", corpus / "part0", "--out", out, "--val_fraction", 0.5))
     assert "prepared with other arguments" in err and "val_fraction" in err
+    assert f"delete {out} or choose another --out" in err
 
 
 def test_bad_prepared_corpora_are_one_line_errors_in_training(tmp_path, corpus, capsys):
@@ -272,16 +273,17 @@ def test_bad_prepared_corpora_are_one_line_errors_in_training(tmp_path, corpus, 
     tok = _bpe(tmp_path, corpus)
     assert "was prepared with tokenizer byte" in _one_line_error(capsys, run(f"data.tokenizer={tok}"))
     bpe = tmp_path / "bpe"
-    assert _prepare("--source", corpus / "part0", "--out", bpe, "--tokenizer", tok) == 0
+    assert _prepare("--source", corpus / "part0", "--out", bpe, "--tokenizer", tok, "--val_fraction", 0.2) == 0
     capsys.readouterr()
     err = _one_line_error(capsys, train_main(["--config", str(ROOT / "configs/tiny.yaml"), "--workdir",
-                                              str(tmp_path / "w"), f"data.source={bpe}"]))
+                                              str(tmp_path / "w"), f"data.source={bpe}", "data.val_fraction=0.2"]))
     assert "set data.tokenizer=" + str(bpe / "tokenizer.json") in err
     # vocab: the tokenizer's vocabulary against a smaller embedding
     vocab = json.loads((bpe / "manifest.json").read_text())["tokenizer"]["vocab_size"]
     err = _one_line_error(capsys, train_main(["--config", str(ROOT / "configs/tiny.yaml"), "--workdir",
                                               str(tmp_path / "w"), f"data.source={bpe}",
-                                              f"data.tokenizer={bpe / 'tokenizer.json'}", f"model.vocab_size={vocab - 1}"]))
+                                              f"data.tokenizer={bpe / 'tokenizer.json'}", f"model.vocab_size={vocab - 1}",
+                                              "data.val_fraction=0.2"]))
     assert f"has {vocab} tokens but model.vocab_size={vocab - 1}" in err
     shards = sorted((out / "train").glob("*.bin"))
     shards[2].unlink()
