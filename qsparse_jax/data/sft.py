@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import DataConfig
-from .corpus import is_validation
-from .corpus import read_text as _read_text
+from .corpus import decode_utf8, document_name, is_validation
 from .tokenizer import DataError, make_tokenizer
 
 # Used when the tokenizer has no chat template (e.g. the byte tokenizer).
@@ -138,15 +137,24 @@ def encode_example(messages: list[dict], tok, fmt: ChatFormat) -> Example:
 
 
 def read_examples(cfg: DataConfig, tok, fmt: ChatFormat) -> dict[bool, list[Example]]:
-    """Examples of every ``.jsonl`` under ``data.source``, split train/validation by a hash of their place."""
+    """Examples of every ``.jsonl`` under ``data.source``, split train/validation by a hash of their place
+    inside the source (``DIRNAME/relative/file.jsonl:LINE``: the same wherever the source lives)."""
 
     src = Path(cfg.source)
     if cfg.source == "stdlib" or not src.exists():
         raise DataError(f"data.task=sft needs data.source to be a .jsonl file or a directory of them, got {cfg.source!r}")
     files = sorted(src.rglob("*.jsonl")) if src.is_dir() else [src]
     split: dict[bool, list[Example]] = {False: [], True: []}
+    replaced, bad_files = 0, []
     for f in files:
-        for i, line in enumerate(_read_text(f).splitlines()):
+        try:
+            text, bad = decode_utf8(f.read_bytes(), str(f), whole_file=True)
+        except OSError as e:
+            raise DataError(f"cannot read {f}: {e.strerror}") from None
+        if bad:
+            replaced, bad_files = replaced + bad, [*bad_files, f]
+        name = document_name(src, f)  # the split hashes names inside the source, never where it lives
+        for i, line in enumerate(text.splitlines()):
             if not line.strip():
                 continue
             where = f"{f}:{i + 1}"
@@ -154,7 +162,11 @@ def read_examples(cfg: DataConfig, tok, fmt: ChatFormat) -> dict[bool, list[Exam
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            split[is_validation(where, cfg.val_fraction)].append(encode_example(_messages(rec, where), tok, fmt))
+            split[is_validation(f"{name}:{i + 1}", cfg.val_fraction)].append(
+                encode_example(_messages(rec, where), tok, fmt))
+    if replaced:
+        print(f"note: invalid UTF-8 in {len(bad_files)} SFT file(s) ({replaced} bytes; first: {bad_files[0]}) "
+              "was read as U+FFFD", file=sys.stderr)
     n = len(split[False]) + len(split[True])
     if n < 2:
         raise DataError(f"data.source {cfg.source!r} holds {n} SFT examples; need at least 2")

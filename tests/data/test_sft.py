@@ -1,6 +1,7 @@
 """Supervised fine-tuning data: chat templates, response-only loss, packing with attention boundaries."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ from qsparse_jax import ModelConfig, Transformer, functional
 from qsparse_jax.config import DataConfig, load_config
 from qsparse_jax.data.tokenizer import ByteTokenizer
 from qsparse_jax.errors import DataError
-from qsparse_jax.data.sft import ChatFormat, encode_example, load_chat_template, load_sft, pack
+from qsparse_jax.data.sft import ChatFormat, encode_example, load_chat_template, load_sft, pack, read_examples
 from qsparse_jax.train.step import _nll_sum, split_batch
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
@@ -190,3 +191,20 @@ def test_sft_training_runs_one_epoch_and_reports_response_loss(tmp_path):
     steps = rows[-1]["step"]
     assert 1 <= steps <= 48 // 4  # one epoch of packed rows, fewer rows than examples
     assert np.isfinite(out["val_loss"]) and rows[-1]["loss"] < rows[0]["loss"] + 1.0
+
+
+def test_the_sft_split_does_not_depend_on_where_the_data_lives(tmp_path):
+    """The train/validation split hashes each example's place inside data.source, not the absolute path."""
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(40)]
+    a = tmp_path / "a" / "chat"
+    a.mkdir(parents=True)
+    (a / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    b = tmp_path / "elsewhere" / "deeper" / "chat"
+    shutil.copytree(a, b)
+    splits = []
+    for src in (a, b):
+        cfg = DataConfig(task="sft", source=str(src), seq_len=64, batch_size=2, val_fraction=0.3)
+        ex = read_examples(cfg, ByteTokenizer(), ChatFormat(*load_chat_template("byte")))
+        splits.append([e.tokens.tolist() for e in ex[True]])
+    assert splits[0] == splits[1] and 0 < len(splits[0]) < 40
