@@ -1,4 +1,4 @@
-"""Typed, self-validating configuration dataclasses.
+"""Typed, self-validating configuration dataclasses, read from YAML plus ``key=value`` overrides.
 
 Every check raises :class:`ConfigError` with one line saying what was wrong and what is allowed.
 """
@@ -6,7 +6,14 @@ Every check raises :class:`ConfigError` with one line saying what was wrong and 
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+import sys
+import types
+import typing
 from dataclasses import dataclass, field
+
+import yaml
 
 from .errors import ConfigError
 from .ops.quant import WEIGHT_BITS
@@ -130,8 +137,7 @@ class LTEConfig:
                  f"got {self.stage!r}")
         _require(isinstance(self.tau, (int, float)) and 0 < self.tau < 1, f"{p}tau must be in (0, 1), got {self.tau!r}")
         for name in ("eta", "separability"):
-            v = getattr(self, name)
-            _require(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
+            _require(isinstance(v := getattr(self, name), (int, float)) and not isinstance(v, bool) and v >= 0,
                      f"{p}{name} must be a number >= 0, got {v!r}")
         _require(isinstance(self.sep_eps, (int, float)) and self.sep_eps > 0, f"{p}sep_eps must be positive, got {self.sep_eps!r}")
         _require(self.efficiency in LTE_EFFICIENCY, f"{p}efficiency must be one of {LTE_EFFICIENCY}, got {self.efficiency!r}")
@@ -213,15 +219,12 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
-        if isinstance(self.sparsity, dict):  # allow ModelConfig(sparsity={...})
-            object.__setattr__(self, "sparsity", SparsityConfig(**self.sparsity))
-        if isinstance(self.weight_sparsity, dict):
-            object.__setattr__(self, "weight_sparsity", WeightSparsityConfig(**self.weight_sparsity))
-        if isinstance(self.rope_scaling, dict):
-            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        for name, cls in (("sparsity", SparsityConfig), ("weight_sparsity", WeightSparsityConfig),
+                          ("rope_scaling", RopeScaling)):  # allow ModelConfig(sparsity={...})
+            if isinstance(getattr(self, name), dict):
+                object.__setattr__(self, name, cls(**getattr(self, name)))
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim", "max_seq_len"):
-            v = getattr(self, name)
-            _require(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+            _require(isinstance(v := getattr(self, name), int) and not isinstance(v, bool) and v >= 1,
                      f"model.{name} must be a positive integer, got {v!r}")
         kv = self.kv_heads
         _require(isinstance(kv, int) and kv >= 1 and self.n_heads % kv == 0,
@@ -314,8 +317,6 @@ class MixtureSource:
 
     @property
     def label(self) -> str:
-        import os
-
         return self.name or os.path.basename(os.path.normpath(self.source))
 
 
@@ -345,8 +346,7 @@ class DataConfig:
         _require(self.format in ("auto", "text", "jsonl", "parquet", "arrayrecord"),
                  f"data.format must be one of auto, text, jsonl, parquet, arrayrecord, got {self.format!r}")
         for name in ("seq_len", "batch_size"):
-            v = getattr(self, name)
-            _require(v >= 1, f"data.{name} must be a positive integer, got {v!r}")
+            _require((v := getattr(self, name)) >= 1, f"data.{name} must be a positive integer, got {v!r}")
         _require(self.read_threads >= 0, f"data.read_threads must be >= 0, got {self.read_threads!r}")
         _require(self.prefetch >= 0, f"data.prefetch must be >= 0, got {self.prefetch!r}")
         _require(0.0 < self.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {self.val_fraction!r}")
@@ -458,8 +458,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "log_every", "eval_every", "eval_batches"):
-            v = getattr(self, name)
-            _require(v >= 1, f"train.{name} must be a positive integer, got {v!r}")
+            _require((v := getattr(self, name)) >= 1, f"train.{name} must be a positive integer, got {v!r}")
         _require(self.epochs is None or self.epochs > 0, f"train.epochs must be positive or null, got {self.epochs!r}")
 
 
@@ -479,21 +478,13 @@ class Config:
                  f"model.vocab_size must be >= 256 for the byte tokenizer, got {self.model.vocab_size}")
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
 def _coerce(value, tp, key: str):
     """Check ``value`` against annotation ``tp`` (int, float, bool, str, X | None, dataclass)."""
-    import types
-    import typing
-
     args = typing.get_args(tp)
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        return _coerce(value, next(a for a in args if a is not type(None)), key)
     if typing.get_origin(tp) is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")
@@ -502,7 +493,7 @@ def _coerce(value, tp, key: str):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping of {_type_name(tp)} fields, got {value!r}")
+            raise ConfigError(f"{key} must be a mapping of {getattr(tp, '__name__', tp)} fields, got {value!r}")
         return from_dict(tp, value, prefix=key + ".")
     if tp is bool:
         if isinstance(value, bool):
@@ -525,13 +516,11 @@ def _coerce(value, tp, key: str):
             return str(value)  # YAML reads weight_bits: 1.58 as a number
     else:
         return value
-    raise ConfigError(f"{key} must be {'a' if tp is not int else 'an'} {_type_name(tp)}, got {value!r}")
+    raise ConfigError(f"{key} must be {'a' if tp is not int else 'an'} {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
 def from_dict(cls, data: dict, prefix: str = ""):
     """Build dataclass ``cls`` from a nested dict; an unknown key or a wrong type is a ConfigError."""
-    import typing
-
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for k in data:
@@ -547,8 +536,6 @@ def from_dict(cls, data: dict, prefix: str = ""):
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, in place."""
-    import yaml
-
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -557,8 +544,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        node = data
-        parts = key.split(".")
+        node, parts = data, key.split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
@@ -569,8 +555,6 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     """YAML file (or defaults when ``path`` is None) plus ``key=value`` overrides → validated Config."""
-    import yaml
-
     data: dict = {}
     if path is not None:
         try:
@@ -582,9 +566,35 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+    _release_mesh_axis(data, list(overrides), path)
     return from_dict(Config, apply_overrides(data, list(overrides)))
+
+
+def _release_mesh_axis(data: dict, overrides: list[str], path: str | None):
+    """``mesh.X=-1`` given ("all devices on X") takes them from the axis the file (or the defaults: ``mesh.data``)
+    sets to -1, which becomes 1 with a note on stderr; two -1 overrides stay an error."""
+    given = [o.partition("=")[0].strip() for o in overrides]
+    wild = [k for k, o in zip(given, overrides) if re.fullmatch(r"mesh\.\w+=\s*-1\s*", o)]
+    for axis in ("data", "fsdp", "tensor") if wild and isinstance(mesh := data.get("mesh", {}), dict) else ():
+        if f"mesh.{axis}" not in given and mesh.get(axis, getattr(MeshConfig, axis)) == -1:
+            where = f"-1 in {path}" if axis in mesh else "-1 by default"
+            mesh = data["mesh"] = {**mesh, axis: 1}
+            print(f"note: {wild[0]}=-1 takes all devices, so mesh.{axis} ({where}) is 1", file=sys.stderr)
+
+
+def check_inputs(cfg: Config, flags: dict[str, str | None] | None = None):
+    """The files a run reads (data.source / data.tokenizer unless ``stdlib`` / ``byte``, data.mixture sources,
+    train.distill.teacher; ``flags``: e.g. ``{"--init_from": path}``) exist, else one line naming the resolved
+    path (a relative one is read from the current directory, as any argument is). Call it before writing."""
+    d = cfg.data
+    paths = {"data.source": d.source != "stdlib" and d.source, "data.tokenizer": d.tokenizer != "byte" and d.tokenizer,
+             "train.distill.teacher": cfg.train.distill.teacher, **(flags or {}),
+             **{f"data.mixture[{i}].source": m.source for i, m in enumerate(d.mixture)}}
+    for key, p in paths.items():
+        if p and not os.path.exists(full := os.path.abspath(os.path.expanduser(p))):
+            rel = "" if os.path.isabs(os.path.expanduser(p)) else f" ({p} read from the current directory)"
+            raise ConfigError(f"{key}: no such file or directory {full}{rel}")
 
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
-

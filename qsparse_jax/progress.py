@@ -50,7 +50,7 @@ def duration(seconds: float) -> str:
     """``41 s``, ``5 min 12 s``, ``2 h 05 min``; ``?`` for a non-finite or negative value."""
     if not math.isfinite(seconds) or seconds < 0:
         return "?"
-    s = int(round(seconds))
+    s = round(seconds)
     if s < 100:
         return f"{s} s"
     if s < 3600:
@@ -124,7 +124,7 @@ class Progress:
             total = f"/{self.total}" if self.total is not None else ""
             self._write(f"{self.desc}: {self.done}{total} {self.unit}, done in {duration(time.monotonic() - self.t0)}")
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc):

@@ -79,7 +79,7 @@ def test_overrides_are_typed_and_nested():
     ("model.sparsity.qvk=0.1", "unknown config key 'model.sparsity.qvk'"),
     ("train.steps=1.5", "train.steps must be an int, got 1.5"),
     ("checkpoint.async_save=maybe", "checkpoint.async_save must be a bool, got 'maybe'"),
-    ("mesh.fsdp=-1", "at most one mesh axis may be -1"),
+    ("mesh={data: -1, fsdp: -1}", "at most one mesh axis may be -1"),
     ("nokey", "must look like key=value"),
     ("data.seq_len=4096", "data.seq_len=4096 exceeds model.max_seq_len=256"),
     ("optim.schedule=two_stage", "optim.lr2 must be set for schedule two_stage"),

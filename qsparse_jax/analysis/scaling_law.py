@@ -22,7 +22,8 @@ Fitting (as Chinchilla and Q-Sparse do): minimize ``Σ Huber_δ(log L̂(N_i, S_i
 constants are fitted as logarithms, ``(log E, log B, log C, log α, log β)``, so all stay positive
 (the law's shape needs B ≥ 0, C > 0, α > 0 and β > 0 for an interior optimum) and the predicted
 log-loss is a stable log-sum-exp: ``log L̂ = LSE(log E, LSE(log B, log C + β/(1 − S)) − α log N)``.
-Confidence intervals: resample the runs with replacement, refit, take percentiles.
+Confidence intervals: resample the runs with replacement, refit, take percentiles (``fit`` reports the
+resamples on stderr as they finish: a bar on a terminal, a line every 10 s in a log).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..progress import track
 
 HUBER_DELTA = 1e-3
 MIN_RUNS = 6  # five constants plus at least one residual degree of freedom
@@ -221,14 +224,15 @@ BOOT_GRID = {"E": (0.5, 1.5), "B/C": (1e-2, 1.0), "C": (3.0, 30.0), "alpha": (0.
 
 
 def bootstrap(N, S, L, n_boot: int = 200, seed: int = 0, start: Fit | None = None,
-              grid: dict = BOOT_GRID, delta: float = HUBER_DELTA) -> list[LawParams]:
-    """Refit Eq. 15-16 on ``n_boot`` resamples of the runs (with replacement)."""
+              grid: dict = BOOT_GRID, delta: float = HUBER_DELTA, progress: bool = False) -> list[LawParams]:
+    """Refit Eq. 15-16 on ``n_boot`` resamples of the runs (with replacement); ``progress``: report the
+    resamples as they are fit (``qsparse_jax/progress.py``: a bar on a terminal, a line every 10 s in a log)."""
     N, S, L = validate_runs(N, S, L)
     start = start or fit_law(N, S, L, delta=delta)
     inits = [np.log(np.maximum(start.params.as_tuple(), 1e-12))] + grid_inits(grid)
     rng = np.random.default_rng(seed)
     out = []
-    for _ in range(n_boot):
+    for _ in track(range(n_boot), "scaling-law bootstrap", unit="resamples", enabled=progress):
         i = rng.integers(0, len(N), len(N))
         out.append(_fit_arrays(N[i], S[i], L[i], inits, delta).params)
     return out
@@ -322,13 +326,14 @@ def plot_law(p: LawParams | Fit, out: str, runs=None, sparsities=None, title: st
 
 
 def fit_report(path: str, n_col: str = "N", s_col: str = "S", loss_col: str = "loss", n_boot: int = 200,
-               level: float = 95.0, seed: int = 0) -> str:
-    """``qsparse scaling-law fit``: fit Eq. 15-16 to the runs of a CSV, with bootstrap intervals and S*."""
+               level: float = 95.0, seed: int = 0, progress: bool = True) -> str:
+    """``qsparse scaling-law fit``: fit Eq. 15-16 to the runs of a CSV, with bootstrap intervals and S*
+    (``progress``: the bootstrap's progress on stderr)."""
     if n_boot < 0 or not 0 < level < 100:
         raise ScalingLawError(f"--bootstrap must be >= 0 and --level in (0, 100), got {n_boot} and {level:g}")
     N, S, L = read_runs(path, n_col, s_col, loss_col)
     fit = fit_law(N, S, L)
-    boot = bootstrap(N, S, L, n_boot, seed, start=fit) if n_boot else None
+    boot = bootstrap(N, S, L, n_boot, seed, start=fit, progress=progress) if n_boot else None
     s_star = optimal_sparsity(fit)
     line = f"S* = {100 * s_star:.2f} % (total = {1 / (1 - s_star):.3f} × activated)"
     if boot:

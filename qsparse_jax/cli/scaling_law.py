@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     f = sub.add_parser("fit", help="fit the law to a CSV of runs, with bootstrap intervals")
     f.add_argument("--csv", required=True, help="runs: one row per run, with total parameters, sparsity, final loss")
     _add_columns(f)
-    f.add_argument("--bootstrap", type=int, default=200, help="resamples for the intervals (0: none; default 200)")
+    f.add_argument("--bootstrap", type=int, default=200,
+                   help="resamples for the intervals (0: none; default 200), their progress on stderr")
     f.add_argument("--level", type=float, default=95.0, help="interval level in %% (default 95)")
     f.add_argument("--seed", type=int, default=0, help="seed of the resampling (default 0)")
     o = sub.add_parser("optimum", help="inference-optimal sparsity S* for given constants")

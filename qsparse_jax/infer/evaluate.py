@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from ..config import DataConfig, SparsityConfig
 from ..data.pipeline import iter_documents
 from ..errors import ConfigError, DataError
 from ..nn.sharding import batch_sharding
+from ..progress import Progress
 from .variants import sparsity_config, variant
 
 GROUPS = ("qkv", "out", "gate_up", "down")
@@ -190,15 +190,14 @@ class Scorer:
 
     def __call__(self, batches: Batches, desc: str | None = None, progress: bool | None = None):
         """``(loglikelihood [n] float64, is_greedy [n] bool)`` in request order. All batches are dispatched
-        before any result is read, so the host never waits between them. ``progress``: a tqdm bar (None:
-        on a terminal only)."""
-        from tqdm import tqdm
-
+        before any result is read, so the host never waits between them. ``progress`` (default on; False:
+        off): requests scored, as ``qsparse_jax/progress.py`` shows it (a bar on a terminal, lines in a log),
+        on the first host only; it starts before compilation and dispatch, which it counts."""
+        bar = Progress(batches.n, desc or "scoring", "requests", leave=False,
+                       enabled=progress is not False and jax.process_index() == 0)
         pending = [(self._program(a)(self.params, *a), idx) for a, idx in zip(batches.arrays, batches.index)]
         ll = np.zeros(batches.n, np.float64)
         greedy = np.zeros(batches.n, bool)
-        bar = tqdm(total=batches.n, desc=desc or "scoring", disable=(None if progress is None else not progress),
-                   file=sys.stderr, leave=False)
         for (l, g), idx in pending:
             l, g = np.asarray(l), np.asarray(g)
             keep = idx >= 0

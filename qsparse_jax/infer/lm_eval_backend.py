@@ -27,13 +27,13 @@ sequence (``until``). Scoring is the eval CLI's: bucketed widths, one compiled p
 from __future__ import annotations
 
 import logging
-import sys
 
 import numpy as np
 
 from ..checkpoints.source import load
 from ..errors import ConfigError
 from ..nn.decode import _pick, init_cache
+from ..progress import Progress
 from .evaluate import Scorer, bucket_widths, make_batches, rolling_windows
 from .variants import sparsity_config, variant
 
@@ -213,9 +213,7 @@ class QSparseJaxLM(TemplateLM):
             ids = self.tok_encode(context)[-(self.max_length - max_gen):] or [self.prefix_token_id]
             jobs.setdefault((until, max_gen, temperature, len(ids)), []).append((i, ids))
         out: list[str | None] = [None] * len(requests)
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(requests), desc="generate_until requests", disable=disable_tqdm or None, file=sys.stderr)
+        bar = Progress(len(requests), "generate_until", "requests", enabled=not disable_tqdm)
         key = jax.random.key(0)
         for (until, max_gen, temperature, plen), items in sorted(jobs.items(), key=lambda kv: -kv[0][3]):
             width = next(w for w in bucket_widths(self.max_length - max_gen) if w >= plen)

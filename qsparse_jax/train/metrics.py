@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 
 from ..config import Config
 from ..nn.model import activated_params, projection_params
+from ..progress import duration, interactive
 from .methods.base import TrainingMethod
 
 
@@ -33,11 +33,12 @@ def flops_per_token(cfg: Config, sparsity: dict[str, float] | None = None) -> fl
 
 
 class Progress:
-    """A progress bar with ETA on a terminal; plain lines (every log step) otherwise, e.g. in CI."""
+    """A progress bar with ETA on a terminal; plain lines (every log step) otherwise, e.g. in CI. The terminal
+    test and the ETA's format are the shared ones of ``qsparse_jax/progress.py``; the lines come at log steps."""
 
     def __init__(self, total: int, start: int):
         self.total, self.start, self.t0 = total, start, time.time()
-        self.tty = sys.stderr.isatty() and not os.environ.get("CI")
+        self.tty = interactive()
         self.quiet = jax.process_index() != 0
 
     def update(self, step: int, text: str, force_line: bool = False):
@@ -46,7 +47,7 @@ class Progress:
         done = step - self.start
         rate = done / max(time.time() - self.t0, 1e-9)
         eta = (self.total - step) / rate if rate > 0 else float("nan")
-        eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
+        eta_s = duration(eta)
         if self.tty:
             width = 24
             fill = int(width * step / self.total)

@@ -19,6 +19,7 @@ from ..nn.layers import SparseLinear, _dtype
 from ..nn.model import with_config
 from ..ops.nm import _JIT_CACHE, magnitude_score, nm_mask, wanda_score
 from ..ops.sparsegpt import sparsegpt_prune
+from ..progress import track
 from ..train.step import split_batch
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -179,13 +180,8 @@ def prune_model(model, method: str, batches: Iterable | None = None, *, n: int =
         xs = [_embed(model, b) for b in (batches or [])]
         if not xs:
             raise ValueError(f"{method} needs calibration batches")
-    layers = range(cfg.n_layers)
-    if progress:
-        from tqdm import tqdm
-
-        layers = tqdm(layers, desc=f"{method} {n}:{m}", unit="layer")
     report = []
-    for i in layers:
+    for i in track(range(cfg.n_layers), f"prune {method} {n}:{m}", unit="layers", enabled=progress):
         graphdef, state = _block_state(model, i)
         stats = _reduce(_block_stats_fn(graphdef, True), state, xs) if needs_data else {}
         block = nnx.merge(graphdef, state)

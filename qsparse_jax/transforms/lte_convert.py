@@ -13,13 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..checkpoints.native import write_model_checkpoint
+from ..checkpoints.native import empty_checkpoints_dir, write_model_checkpoint
 from ..checkpoints.source import load_model
 from ..config import LTEConfig
 from ..errors import ConfigError
 from ..nn.lte import _blocks, _copy_into, walk
 from ..nn.model import Transformer
 from ..ops.experts import fit_router, group_experts, moefication_labels
+from ..progress import track
 from .calibration import calibration_batches
 
 _HIDDEN_OUT = (("w_gate", "weight"), ("w_up", "weight"), ("w_gate", "mask"), ("w_up", "mask"), ("subln", "weight"))
@@ -62,21 +63,24 @@ def layer_ffn_params(pure: dict, scan_layers: bool, n_layers: int) -> list[dict]
     return [pure["layers"][i]["mlp"] for i in range(n_layers)]
 
 
-def fit_moefication_routers(model, batches, *, top_k: int | None = None, steps: int = 300, lr: float = 1e-2):
+def fit_moefication_routers(model, batches, *, top_k: int | None = None, steps: int = 300, lr: float = 1e-2,
+                            progress: bool = False):
     """Fit every layer's router to a dense model's expert activity (choice 9) on ``batches`` (a list of
     token arrays [b, s]); returns ``(model, accuracies)`` — the model in place with routers set, and per
-    layer the fraction of the fitted top-k that matches the label top-k on the calibration tokens."""
+    layer the fraction of the fitted top-k that matches the label top-k on the calibration tokens.
+    ``progress``: report the layers as they are fit (``qsparse_jax/progress.py``)."""
     cfg = model.config
     k = top_k or cfg.lte.top_k
     if k is None:
         raise ConfigError("MoEfication needs top_k (experts kept per token)")
     per_layer_x, per_layer_h = [[] for _ in range(cfg.n_layers)], [[] for _ in range(cfg.n_layers)]
-    for tokens in batches:
+    for tokens in track(batches, "lte convert: calibration", unit="batches", enabled=progress):
         for l, (block, (xin, _)) in enumerate(zip(_blocks(model), walk(model, jnp.asarray(tokens), dense=True))):
             per_layer_x[l].append(xin.reshape(-1, cfg.dim))
             per_layer_h[l].append(block.mlp.expert_hidden(xin).reshape(-1, cfg.hidden_dim))
     routers, acc = [], []
-    for l, block in enumerate(_blocks(model)):
+    for l, block in track(list(enumerate(_blocks(model))), "lte convert: fitting routers", unit="layers",
+                          enabled=progress):
         x = jnp.concatenate(per_layer_x[l])
         y = moefication_labels(jnp.concatenate(per_layer_h[l]), cfg.lte.expert_size, k)
         w = fit_router(x, y, jnp.zeros_like(block.mlp.router[...], jnp.float32), steps=steps, lr=lr)
@@ -91,10 +95,10 @@ def fit_moefication_routers(model, batches, *, top_k: int | None = None, steps: 
     return model, acc
 
 
-def to_lte(model, lte: LTEConfig, *, seed: int = 0, iters: int = 25):
+def to_lte(model, lte: LTEConfig, *, seed: int = 0, iters: int = 25, progress: bool = False):
     """A dense ``Transformer`` → the LTE model of the same weights: each layer's neurons grouped
     (:func:`group_experts`), permuted contiguous, routers added (random, choice 5). Returns
-    ``(lte_model, perms)``."""
+    ``(lte_model, perms)``; ``progress``: report the layers as they are grouped."""
 
     cfg = model.config
     if not lte.enabled:
@@ -106,7 +110,8 @@ def to_lte(model, lte: LTEConfig, *, seed: int = 0, iters: int = 25):
     pure = nnx.to_pure_dict(nnx.state(model))
     ffns = layer_ffn_params(pure, cfg.scan_layers, cfg.n_layers)
     perms = [group_experts(f["w_gate"]["weight"], lte.expert_size, seed=seed + l, iters=iters)
-             for l, f in enumerate(ffns)]
+             for l, f in track(list(enumerate(ffns)), "lte convert: grouping experts", unit="layers",
+                               enabled=progress)]
     pure = permute_model_params(pure, perms, cfg.scan_layers)
     fresh = Transformer(new_cfg, rngs=nnx.Rngs(seed))  # routers from here; everything else overwritten
     graphdef, state = nnx.split(fresh)
@@ -123,20 +128,21 @@ def write_checkpoint(model, cfg, workdir: str | Path) -> Path:
 
 
 def convert(workdir: str, *, ckpt: str | None = None, hf: str | None = None, lte: LTEConfig | None = None,
-            seed: int = 0, calib_batches: int = 8, fit_steps: int = 300) -> dict:
+            seed: int = 0, calib_batches: int = 8, fit_steps: int = 300, progress: bool = True) -> dict:
     """Dense checkpoint / HF model → grouped LTE checkpoint in ``workdir`` (MoEfication: routers fit on
-    ``calib_batches`` training batches). Returns a summary."""
+    ``calib_batches`` training batches). Returns a summary. ``progress``: per-layer progress on stderr."""
     import dataclasses
 
+    empty_checkpoints_dir(workdir)  # refused before the (long) conversion, not after it
     model, cfg = load_model(hf, ckpt)
     lte = lte or LTEConfig(enabled=True)
     if cfg.model.lte.enabled:
         raise ConfigError("the source model already has LTE routers; convert a dense model")
-    lte_model, _ = to_lte(model, lte, seed=seed)
+    lte_model, _ = to_lte(model, lte, seed=seed, progress=progress)
     summary = {"experts": lte_model.config.hidden_dim // lte.expert_size, "expert_size": lte.expert_size}
     if lte.mode == "moefication":
         batches = calibration_batches(cfg.data, calib_batches)
-        lte_model, acc = fit_moefication_routers(lte_model, batches, steps=fit_steps)
+        lte_model, acc = fit_moefication_routers(lte_model, batches, steps=fit_steps, progress=progress)
         summary["router_topk_recall"] = acc
     new = dataclasses.replace(cfg, model=lte_model.config)
     write_checkpoint(lte_model, new, workdir)

@@ -229,3 +229,19 @@ def test_cli_module_entry_point_exits_2_without_traceback(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.strip() == f"error: cannot read {tmp_path / 'missing.csv'}: " \
                                                          "No such file or directory"
+
+
+def test_cli_fit_reports_bootstrap_progress_on_stderr(tmp_path, capsys, monkeypatch, fitted):
+    """``--bootstrap 200`` runs for minutes: its resamples are reported on stderr (plain lines in a log, here
+    every one with ``QSPARSE_PROGRESS_S=0``), the table alone on stdout. Each refit returns the full-data fit
+    here: the test is about the reporting, the fits are tested above."""
+    monkeypatch.setenv("QSPARSE_PROGRESS_S", "0")
+    monkeypatch.setattr(sl, "_fit_arrays", lambda *a, **k: fitted)
+    N, S, L = synthetic_runs()
+    path = write_csv(tmp_path / "runs.csv", zip(N, S, L), header="N,S,loss")
+    assert scaling_law_main(["fit", "--csv", path, "--bootstrap", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "resamples" not in out and "\r" not in err and "S* = " in out
+    assert "scaling-law bootstrap: 1/2 resamples, " in err and "scaling-law bootstrap: 2/2 resamples, done in " in err
+    sl.bootstrap(N, S, L, 2, start=fitted)  # the library function is quiet unless asked
+    assert capsys.readouterr().err == ""

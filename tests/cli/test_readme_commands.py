@@ -1,8 +1,10 @@
-"""Every command the README documents works as written: each parses with exactly the flags it shows, and
-the ones that run in seconds on a CPU are run exactly as written."""
+"""Every command the README and the configs' recipe headers document works as written: each parses with
+exactly the flags it shows, and the ones that run in seconds on a CPU are run exactly as written (the
+workflow from training the tiny model to the AST recipe runs in ``tests/test_docs_run.py``)."""
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ import pytest
 
 from qsparse_jax import cli
 from qsparse_jax.cli import common
+from qsparse_jax.config import MeshConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 QSPARSE = str(Path(sys.executable).with_name("qsparse"))
@@ -30,7 +33,27 @@ def readme_commands() -> list[str]:
     return out
 
 
+def recipe_commands() -> list[tuple[str, str]]:
+    """``(config file, command)`` of the ``qsparse ...`` / ``python train.py ...`` lines in the configs' comment
+    headers, continuation lines joined and trailing comments cut."""
+    out = []
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        header = "\n".join(line[1:] for line in path.read_text().splitlines() if line.startswith("#"))
+        for line in re.sub(r"\\\n\s*", " ", header).splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if re.match(r"(qsparse|python train\.py) ", line) and "[" not in line and " | " not in line:
+                out.append((path.name, line))
+    return out
+
+
 COMMANDS = readme_commands()
+RECIPES = recipe_commands()
+
+
+def argv_of(line: str) -> list[str]:
+    """A documented line as the shell splits it, as ``qsparse``'s arguments (``python train.py`` is ``train``)."""
+    words = shlex.split(line)
+    return ["train", *words[2:]] if words[0] == "python" else words[1:]
 
 
 class _Parsed(BaseException):  # not an Exception: passes the commands' error wrapper untouched
@@ -39,21 +62,24 @@ class _Parsed(BaseException):  # not an Exception: passes the commands' error wr
 
 
 def parse_only(monkeypatch, argv: list[str]) -> list[str]:
-    """Run a command's entry with its parser stopped right after parsing: the arguments it did not know."""
+    """Run a command's entry with its parser stopped right after parsing: the arguments it did not know.
+    (``parse_intermixed_args`` parses twice inside ``parse_known_intermixed_args``: stopped after both.)"""
     depth = [0]
-    original = common.Parser.parse_known_args
 
-    def parse_known_args(self, args=None, namespace=None):
-        depth[0] += 1
-        try:
-            ns, unknown = original(self, args, namespace)
-        finally:
-            depth[0] -= 1
-        if depth[0] == 0:
-            raise _Parsed(unknown)
-        return ns, unknown
+    def stopping(original):
+        def parse(self, args=None, namespace=None):
+            depth[0] += 1
+            try:
+                ns, unknown = original(self, args, namespace)
+            finally:
+                depth[0] -= 1
+            if depth[0] == 0:
+                raise _Parsed(unknown)
+            return ns, unknown
+        return parse
 
-    monkeypatch.setattr(common.Parser, "parse_known_args", parse_known_args)
+    for name in ("parse_known_args", "parse_known_intermixed_args"):
+        monkeypatch.setattr(common.Parser, name, stopping(getattr(common.Parser, name)))
     module, entry, _ = cli.COMMANDS[argv[0]]
     import importlib
 
@@ -70,10 +96,24 @@ def test_the_readme_documents_commands():
 
 @pytest.mark.parametrize("line", [c for c in COMMANDS if not c.startswith("qsparse lm-eval")])
 def test_readme_command_parses_with_the_flags_it_shows(line, monkeypatch):
-    words = line.split()
-    argv = ["train", *words[2:]] if words[0] == "python" else words[1:]
+    argv = argv_of(line)
     assert argv[0] in cli.COMMANDS, f"{line}: no such command"
     assert parse_only(monkeypatch, argv) == [], f"{line}: unknown arguments"
+
+
+def test_the_configs_document_recipes():
+    assert {name for name, _ in RECIPES} >= {"ast-tiny.yaml", "lte-tiny-stage1.yaml", "ast-llama2-7b.yaml"}
+    assert ("ast-tiny.yaml", "python train.py --config configs/ast-tiny.yaml --init_from runs/tiny/checkpoints "
+            "--workdir runs/ast-tiny") in RECIPES
+
+
+@pytest.mark.parametrize("name,line", RECIPES)
+def test_config_recipe_command_parses_and_names_an_existing_config(name, line, monkeypatch):
+    argv = argv_of(line)
+    assert argv[0] in cli.COMMANDS, f"{name}: {line}: no such command"
+    assert parse_only(monkeypatch, argv) == [], f"{name}: {line}: unknown arguments"
+    if "--config" in argv:
+        assert (ROOT / argv[argv.index("--config") + 1]).is_file(), f"{name}: {line}: no such config"
 
 
 def test_readme_lm_eval_commands_use_lm_eval_flags():
@@ -89,7 +129,7 @@ def test_readme_lm_eval_commands_use_lm_eval_flags():
 
 def run_as_written(line: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    words = line.split()
+    words = shlex.split(line)
     cmd = [QSPARSE, *words[1:]] if words[0] == "qsparse" else [sys.executable, *words[1:]]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -102,7 +142,17 @@ def test_readme_scaling_law_optimum_prints_the_papers_optimum():
 
 
 def test_readme_compile_on_8_simulated_devices_fits():
-    line = next(c for c in COMMANDS if "--cpu_devices 8" in c)
+    """The README's ``train.py --compile_only`` form, run as written: ``mesh.fsdp=-1`` on the command line takes
+    the devices from tiny.yaml's ``mesh.data: -1`` (which becomes 1, with a note) instead of failing with
+    "at most one mesh axis may be -1". The ``qsparse compile`` line is the same command (parsed above; its
+    overrides are checked here)."""
+    line = next(m for m in re.findall(r"`(python train\.py [^`]*--compile_only[^`]*)`", (ROOT / "README.md").read_text())
+                if "--cpu_devices 8" in m)
+    assert line.endswith("--cpu_devices 8 mesh.fsdp=-1"), line
     out = run_as_written(line)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "mesh data=1 fsdp=8 tensor=1" in out.stdout, out.stdout
+    assert "note: mesh.fsdp=-1 takes all devices, so mesh.data (-1 in configs/tiny.yaml) is 1" in out.stderr
+    compile_line = next(c for c in COMMANDS if c.startswith("qsparse compile") and "--cpu_devices 8" in c)
+    overrides = [w for w in argv_of(compile_line) if "=" in w]
+    assert load_config(str(ROOT / "configs/tiny.yaml"), overrides).mesh == MeshConfig(data=1, fsdp=-1, tensor=1)

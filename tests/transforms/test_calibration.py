@@ -58,3 +58,17 @@ def test_prune_model_makes_every_block_linear_2_4_and_leaves_the_rest(method, sc
                 np.testing.assert_array_equal(a[a != 0], before[k][a != 0])
         else:
             np.testing.assert_array_equal(a, before[k])
+
+
+def test_prune_progress_in_a_log_is_plain_lines_per_layer(monkeypatch, capsys):
+    """Not a terminal (pytest captures stderr): ``qsparse_jax/progress.py``'s plain lines, no tqdm ``\\r`` bars;
+    ``QSPARSE_PROGRESS_S=0`` makes every layer's line due at once."""
+    monkeypatch.setenv("QSPARSE_PROGRESS_S", "0")
+    prune_model(_tiny_model(), "magnitude", progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("prune magnitude 2:4: ")]
+    assert lines[0].startswith("prune magnitude 2:4: 1/2 layers, ") and lines[0].endswith(" left"), err
+    assert lines[-1].startswith("prune magnitude 2:4: 2/2 layers, done in "), err
+    prune_model(_tiny_model(), "magnitude", progress=False)
+    assert capsys.readouterr().err == ""
