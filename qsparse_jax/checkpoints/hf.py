@@ -1,16 +1,18 @@
-"""Hugging Face interop for Llama, Mistral and Qwen2 checkpoints, without torch.
+"""Hugging Face interop for Llama, Mistral, Qwen2 and BitNet checkpoints, without torch: weights in, weights out.
 
 ``load_pretrained(path, **overrides)`` reads a local directory (``config.json`` and one or
 index-sharded ``*.safetensors``) into a :class:`Transformer`; overrides set any ``ModelConfig`` field
 (for Q-Sparse continued training: ``sparsity=SparsityConfig.uniform(0.4)``). With ``mesh`` each
 tensor is read slice by slice straight into its shards, so no host ever holds a whole 7B model.
-``save_pretrained(model, path)`` writes a directory ``transformers`` loads with
-``AutoModelForCausalLM.from_pretrained``. HF stores linear weights [out, in]; we store [in, out].
+``save_pretrained(model, path, tokenizer=...)`` writes a directory ``transformers`` loads with
+``AutoModelForCausalLM.from_pretrained`` (and ``AutoTokenizer``), atomically. HF stores linear weights
+[out, in]; we store [in, out]. ``import_hf`` / ``export_hf`` convert between such a directory and our
+checkpoints (``qsparse import-hf`` / ``export-hf``), the tokenizer and the top-K sparsity included
+(``config.json`` key ``qsparse``: :mod:`.hf_config`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -20,123 +22,80 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..config import (
-    ROPE_TYPES,
-    Config,
-    DataConfig,
-    ModelConfig,
-    RopeScaling,
-    SparsityConfig,
-)
-from ..errors import ConfigError
+from ..config import Config, DataConfig, ModelConfig
 from ..nn.model import Transformer
 from ..nn.sharding import state_shardings
 from ..ops.quant import ternary_weights
-from .native import empty_checkpoints_dir, load_checkpoint_model, write_model_checkpoint
+from .hf_config import BITNET_QUANT, SUPPORTED, HFError, config_from_hf, hf_config  # noqa: F401 (re-exported)
+from .hf_files import (
+    Progress,
+    atomic_dir,
+    check_target,
+    copy_tokenizer,
+    copy_tokenizer_side_files,
+    hf_tokenizer,
+)
+from .native import (
+    empty_checkpoints_dir,
+    load_checkpoint_model,
+    read_config,
+    write_model_checkpoint,
+)
+
+_PACK = 4  # ternary values per stored byte
+TOPK_NOTE = ("note: config.json key 'qsparse' holds the top-K sparsity: load_pretrained, import-hf and eval / generate "
+             "--hf restore it; transformers runs the weights dense unless qsparse_jax.checkpoints.hf_topk.apply_topk("
+             "model) adds it")
+
+
+def read_hf_config(path: str | Path, **overrides) -> tuple[dict, ModelConfig]:
+    """(``config.json`` as a dict, the :class:`ModelConfig` it describes with ``overrides``) of an HF directory."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise HFError(f"no config.json in {path}")
+    try:
+        hf = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise HFError(f"{path / 'config.json'}: not valid JSON ({e.msg})") from None
+    try:
+        return hf, config_from_hf(hf, **overrides)
+    except KeyError as e:
+        raise HFError(f"config.json in {path} lacks {e.args[0]!r}") from None
 
 
 def import_hf(src: str, workdir: str, scan_layers: bool = False) -> Path:
+    """An HF directory as ``WORKDIR/checkpoints/0`` + ``WORKDIR/config.yaml``, with its tokenizer files
+    (``data.tokenizer``: the copied ``tokenizer.json``, or bytes; see :func:`.hf_files.hf_tokenizer`)."""
     empty_checkpoints_dir(workdir)  # before the (long) load
-    model = load_pretrained(src, scan_layers=scan_layers)
+    path = Path(src)
+    hf, c = read_hf_config(path)
+    tokenizer = hf_tokenizer(path, hf, c.vocab_size)
+    model = load_pretrained(path, scan_layers=scan_layers)
+    if tokenizer != "byte":  # tokenizer.json itself is copied by write_model_checkpoint
+        copy_tokenizer_side_files(path, Path(workdir))
     cfg = Config(model=model.config, data=DataConfig.for_model(model.config))
-    return write_model_checkpoint(model, cfg, workdir, tokenizer_from=src)
+    return write_model_checkpoint(model, cfg, workdir, tokenizer_from=None if tokenizer == "byte" else src)
 
 
-def export_hf(ckpt_path: str, dst: str, model_type: str | None = None, ternary: bool = False) -> Path:
+def export_hf(ckpt_path: str, dst: str, model_type: str | None = None, ternary: bool = False,
+              overwrite: bool = False) -> Path:
+    """A checkpoint (its latest step, or one step directory) as an HF directory ``dst``, written atomically
+    with its tokenizer; a non-empty ``dst`` is refused unless ``overwrite`` (replaced whole)."""
+    dst = Path(dst)
+    check_target(dst, overwrite, protect=Path(ckpt_path))  # before the (long) load
+    tokenizer = read_config(ckpt_path)[0].get("data", {}).get("tokenizer", "byte")
+    if tokenizer != "byte" and not Path(tokenizer).is_file():
+        raise HFError(f"the checkpoint's tokenizer {tokenizer} (data.tokenizer) does not exist any more; the export "
+                      "must carry it: put it back and export again")
     cfg, params, graphdef = load_checkpoint_model(ckpt_path)
-    save_pretrained(nnx.merge(graphdef, params), dst, model_type=model_type, ternary=ternary)
+    save_pretrained(nnx.merge(graphdef, params), dst, model_type=model_type, ternary=ternary,
+                    tokenizer=cfg.data.tokenizer, overwrite=overwrite)
     if cfg.model.sparsity.enabled:
-        print("note: transformers runs the exported weights with dense activations (top-K is not part of its "
-              "models); qsparse_jax.hf.load_pretrained restores the top-K sparsity", file=sys.stderr)
-    return Path(dst)
-
-
-SUPPORTED = ("llama", "mistral", "qwen2", "bitnet")
-# transformers' BitNet "offline" format: BitLinear layers hold 2-bit packed ternary weights and a scale
-BITNET_QUANT = {"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline"}
-_PACK = 4  # ternary values per stored byte
-
-
-class HFError(ConfigError):
-    """An HF checkpoint is unsupported, incomplete or malformed (one line naming the problem)."""
-
-
-def config_from_hf(hf: dict, **overrides) -> ModelConfig:
-    """ModelConfig from an HF ``config.json`` dict (SiLU GLU kept, as for continued training)."""
-    mtype = hf.get("model_type")
-    if mtype not in SUPPORTED:
-        raise HFError(f"unsupported model_type {mtype!r}; supported: {', '.join(SUPPORTED)}")
-    # transformers >= 5 writes rope_parameters; older configs rope_theta (+ rope_scaling)
-    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    scaling = _rope_scaling(rope, hf)
-    act = hf.get("hidden_act", "silu")
-    if act not in ("silu", "relu2"):  # transformers' ACT2FN["relu2"] is ReLU², ours (Q-Sparse Eq. 11)
-        raise HFError(f"unsupported hidden_act {act!r} for {mtype}; supported: silu, relu2")
-    bitnet = {}
-    if mtype == "bitnet":  # BitNet b1.58: SubLN, int8 activations, ternary weights (Q-Sparse Eq. 4-10)
-        qc = hf.get("quantization_config") or {}
-        if hf.get("attention_bias"):
-            raise HFError("bitnet checkpoints with attention_bias are not supported")
-        mode = (qc.get("linear_class", "bitlinear"), qc.get("quantization_mode", "offline"))
-        if qc and mode not in (("bitlinear", "offline"), ("autobitlinear", "online")):
-            raise HFError(f"bitnet linear_class/quantization_mode {'/'.join(mode)} is not supported; "
-                          "supported: bitlinear/offline, autobitlinear/online")
-        bitnet = dict(subln=True, input_norm=bool(qc.get("use_rms_norm", False)))
-        if qc:
-            bitnet.update(act_bits=8, weight_bits="1.58")
-        if "qsparse" in hf:  # our own key: the top-K sparsity the exported model was trained with
-            try:
-                bitnet["sparsity"] = SparsityConfig(**hf["qsparse"])
-            except (TypeError, ConfigError) as e:
-                raise HFError(f"config.json 'qsparse' is not a valid sparsity config: {e}") from None
-    heads = hf["num_attention_heads"]
-    window = hf.get("sliding_window") if (mtype == "mistral" or hf.get("use_sliding_window")) else None
-    kw = dict(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
-              n_kv_heads=hf.get("num_key_value_heads", heads), head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-              hidden_dim=hf["intermediate_size"], activation=act, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-              rope_theta=float(theta), max_seq_len=hf.get("max_position_embeddings", 2048),
-              tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=mtype == "qwen2",
-              sliding_window=window, rope_scaling=scaling, **bitnet)
-    kw.update(overrides)
-    return ModelConfig(**kw)
-
-
-_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings", "beta_fast",
-              "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")
-
-
-def _rope_scaling(rope: dict, hf: dict) -> RopeScaling:
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ROPE_TYPES:
-        raise HFError(f"RoPE type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
-    if rope.get("partial_rotary_factor", 1.0) != 1.0 or hf.get("partial_rotary_factor", 1.0) != 1.0:
-        raise HFError("partial_rotary_factor != 1 is not supported (RoPE rotates the whole head here)")
-    kw = {k: rope[k] for k in _ROPE_KEYS if rope.get(k) is not None}
-    if kind in ("llama3", "yarn"):  # transformers falls back to max_position_embeddings
-        kw.setdefault("original_max_position_embeddings",
-                      hf.get("original_max_position_embeddings", hf.get("max_position_embeddings", 2048)))
-    if kind == "yarn" and "factor" not in kw:
-        kw["factor"] = hf.get("max_position_embeddings", 2048) / kw["original_max_position_embeddings"]
-    try:
-        return RopeScaling(type=kind, **kw)
-    except (ConfigError, TypeError) as e:
-        raise HFError(f"rope_parameters: {e}") from None
-
-
-def _rope_parameters(c: ModelConfig) -> dict:
-    r = c.rope_scaling
-    out = {"rope_type": r.type, "rope_theta": c.rope_theta}
-    if r.type != "default":
-        out["factor"] = r.factor
-    if r.type == "llama3":
-        out.update(low_freq_factor=r.low_freq_factor, high_freq_factor=r.high_freq_factor)
-    if r.type == "yarn":
-        out.update(beta_fast=r.beta_fast, beta_slow=r.beta_slow, truncate=r.truncate,
-                   **{k: getattr(r, k) for k in ("attention_factor", "mscale", "mscale_all_dim") if getattr(r, k) is not None})
-    if r.type in ("llama3", "yarn"):
-        out["original_max_position_embeddings"] = r.original_max_position_embeddings or c.max_seq_len
-    return out
+        print(TOPK_NOTE, file=sys.stderr)
+    if cfg.data.tokenizer == "byte":
+        print("note: the model reads UTF-8 bytes (ids 0-255): the export has no tokenizer.json, and its config.json "
+              "says 'qsparse': {'tokenizer': 'byte'}", file=sys.stderr)
+    return dst
 
 
 def hf_names(cfg: ModelConfig) -> dict[tuple, tuple[str, bool]]:
@@ -252,14 +211,9 @@ def _tensor_reader(tensors: "_Tensors", names: dict, key: tuple, shape: tuple, p
 
 
 def load_pretrained(path: str | Path, *, mesh=None, dtype: str | None = None, **overrides) -> Transformer:
-    """A Transformer with an HF Llama / Mistral / Qwen2 checkpoint's weights (see module docstring)."""
+    """A Transformer with an HF Llama / Mistral / Qwen2 / BitNet checkpoint's weights (see module docstring)."""
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise HFError(f"no config.json in {path}")
-    try:
-        cfg = config_from_hf(json.loads((path / "config.json").read_text()), **overrides)
-    except KeyError as e:
-        raise HFError(f"config.json in {path} lacks {e.args[0]!r}") from None
+    _, cfg = read_hf_config(path, **overrides)
     if dtype is not None:
         cfg = cfg.replace(param_dtype=dtype)
     tensors = _Tensors(path)
@@ -270,6 +224,7 @@ def load_pretrained(path: str | Path, *, mesh=None, dtype: str | None = None, **
     flat = dict(nnx.to_flat_state(abstract))
     names = hf_names(cfg)
     pdt = jnp.dtype(cfg.param_dtype)
+    progress = Progress(len(flat), f"reading {path}")
     for key, var in flat.items():
         if cfg.scan_layers and key[0] == "layers":  # stacked: one HF tensor per layer along axis 0
             readers = [_tensor_reader(tensors, names, ("layers", i, *key[1:]), var.shape[1:], pdt)
@@ -287,70 +242,12 @@ def load_pretrained(path: str | Path, *, mesh=None, dtype: str | None = None, **
             sh = shardings[key].get_value() if isinstance(shardings[key], nnx.Variable) else shardings[key]
             value = jax.make_array_from_callback(var.shape, sh, read)
         var.set_value(value)
+        progress.update()
+    progress.close()
     for name in tensors.files:  # BitLinear input norms: ours are parameter-free
         if name.endswith(".rms_norm.weight") and not np.all(tensors.read(name) == 1):
             raise HFError(f"tensor {name!r}: learned BitLinear input-norm weights are not supported (must be ones)")
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
-def _bitnet_family(c: ModelConfig) -> bool:
-    """What only transformers' bitnet computes: SubLN, BitLinear input norms, quantization. (A ReLU² GLU alone
-    is a Llama / Mistral / Qwen2 with ``hidden_act: relu2``.)"""
-    return c.subln or c.input_norm or c.act_bits is not None or c.weight_bits is not None
-
-
-def _check_exportable(c: ModelConfig, mtype: str, ternary: bool):
-    """One-line error unless transformers' ``mtype`` computes what this model computes."""
-    if mtype != "bitnet":
-        if _bitnet_family(c):
-            raise HFError(f"{mtype} holds only SiLU / ReLU² GLU models without SubLN, input norms or quantization; "
-                          "export this model as model_type bitnet")
-        if ternary:
-            raise HFError("ternary export needs a 1.58-bit model (model.weight_bits: '1.58')")
-        return
-    if not (c.subln or c.input_norm):
-        raise HFError("transformers' bitnet always applies SubLN: export needs model.subln or model.input_norm "
-                      "(a ReLU² model without them exports as llama)")
-    if c.qkv_bias or c.sliding_window:
-        raise HFError("transformers' bitnet has no q/k/v-only bias and no sliding window")
-    quantized = (c.weight_bits, c.act_bits)
-    if quantized not in (("1.58", 8), (None, None)) or (quantized == (None, None) and c.input_norm):
-        raise HFError(f"bitnet export needs weight_bits '1.58' with act_bits 8, or neither (and no input_norm); "
-                      f"got weight_bits {c.weight_bits!r}, act_bits {c.act_bits!r}")
-    if ternary and c.weight_bits != "1.58":
-        raise HFError("ternary export needs a 1.58-bit model (model.weight_bits: '1.58')")
-
-
-def hf_config(model: Transformer, model_type: str | None = None, ternary: bool = False) -> dict:
-    c = model.config
-    default = "bitnet" if _bitnet_family(c) else "qwen2" if c.qkv_bias else "mistral" if c.sliding_window else "llama"
-    mtype = model_type or default
-    if mtype not in SUPPORTED:
-        raise HFError(f"unsupported model_type {mtype!r}; supported: {', '.join(SUPPORTED)}")
-    _check_exportable(c, mtype, ternary)
-    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "bitnet": "BitNetForCausalLM"}[mtype]
-    out = {"architectures": [arch], "model_type": mtype, "vocab_size": c.vocab_size, "hidden_size": c.dim,
-           "intermediate_size": c.hidden_dim, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
-           "num_key_value_heads": c.kv_heads, "head_dim": c.head_size, "hidden_act": c.activation,
-           "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
-           "rope_parameters": _rope_parameters(c),
-           "tie_word_embeddings": c.tie_embeddings, "torch_dtype": "float32"}
-    if mtype == "mistral":
-        out["sliding_window"] = c.sliding_window
-    if mtype in ("llama", "bitnet"):
-        out["attention_bias"] = False
-    if mtype == "bitnet":  # its defaults name Llama 3 token ids, outside a small vocabulary
-        out.update(bos_token_id=None, eos_token_id=None)
-    if mtype == "llama":
-        out["mlp_bias"] = False
-    if mtype == "bitnet" and c.weight_bits is not None:
-        # packed ternary: BitLinear (y / (s_x·s_w)); dense: AutoBitLinear quantizing online (absmean, Eq. 9-10)
-        mode = BITNET_QUANT if ternary else {**BITNET_QUANT, "linear_class": "autobitlinear", "quantization_mode": "online"}
-        out["quantization_config"] = {**mode, "use_rms_norm": c.input_norm, "rms_norm_eps": c.norm_eps}
-    if mtype == "bitnet" and c.sparsity.enabled:  # transformers ignores it; our importer restores top-K
-        out["qsparse"] = dataclasses.asdict(c.sparsity)
-    return out
 
 
 def _per_layer(c: ModelConfig, flat):
@@ -391,23 +288,43 @@ def _fold_weight_sparsity(c: ModelConfig, params: dict) -> dict:
     return out
 
 
-def save_pretrained(model: Transformer, path: str | Path, *, model_type: str | None = None, ternary: bool = False):
-    """Write ``config.json`` + ``model.safetensors`` loadable by transformers.
+def save_pretrained(model: Transformer, path: str | Path, *, model_type: str | None = None, ternary: bool = False,
+                    tokenizer: str | None = None, overwrite: bool = False) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (+ the tokenizer) loadable by transformers.
 
     Llama / Mistral / Qwen2: float32 dense weights; a ReLU² GLU (no SubLN, input norms or quantization)
     exports as these with ``hidden_act: relu2`` (transformers' ``ACT2FN["relu2"]`` is ReLU²). BitNet-style
     models (SubLN, 1.58-bit) go to transformers' ``bitnet``: float weights it quantizes online, or with
     ``ternary=True`` 2-bit packed ternary values + per-tensor scale (``w = levels / s``, Eq. 9-10), 16x
-    smaller. Top-K is not part of transformers' models: they run the exported weights with dense
-    activations. AST (N:M weight sparsity) models are written as ``W ⊙ M``, the zeros in place; SLoRB is
-    folded in exactly, which makes those weights dense (:func:`_fold_weight_sparsity`).
+    smaller. Top-K is not part of transformers' models: config.json's ``qsparse`` key holds it, which
+    :func:`load_pretrained` restores and ``hf_topk.apply_topk`` applies in transformers. AST (N:M weight
+    sparsity) models are written as ``W ⊙ M``, the zeros in place; SLoRB is folded in exactly, which makes
+    those weights dense (:func:`_fold_weight_sparsity`).
+
+    ``tokenizer``: ``"byte"`` or the model's ``tokenizer.json``, written with the files AutoTokenizer reads
+    (None: none, and config.json does not say which). The directory is built beside ``path`` and renamed
+    into place; a ``path`` holding anything is refused unless ``overwrite`` (replaced whole).
     """
     from safetensors.numpy import save_file
 
     c = model.config
-    config = hf_config(model, model_type, ternary)
+    hf_config(c, model_type, ternary)  # one-line errors before anything is written
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(path, overwrite) as out:
+        special = (None, None)
+        if tokenizer is not None and tokenizer != "byte":
+            special = copy_tokenizer(tokenizer, out, c.max_seq_len)
+        mark = None if tokenizer is None else "byte" if tokenizer == "byte" else "tokenizer.json"
+        config = hf_config(c, model_type, ternary, tokenizer=mark, special_ids=special)
+        tensors = _hf_tensors(model, config, ternary, Progress(len(hf_names(c)), f"writing {path}"))
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
+def _hf_tensors(model: Transformer, config: dict, ternary: bool, progress: Progress) -> dict[str, np.ndarray]:
+    """The safetensors of ``model`` as ``config`` (its config.json) lays them out."""
+    c = model.config
     _, state = nnx.split(model)
     names = hf_names(c)
     tensors = {}
@@ -422,6 +339,8 @@ def save_pretrained(model: Transformer, path: str | Path, *, model_type: str | N
             tensors[name.removesuffix("weight") + "weight_scale"] = np.asarray(s, np.float32).reshape(1)
         else:
             tensors[name] = np.ascontiguousarray(a.T if transposed else a)
+        progress.update()
+    progress.close()
     if config["model_type"] == "bitnet" and not c.subln:  # ones: RMSNorm before the input norm is a no-op
         for i in range(c.n_layers):
             p = f"model.layers.{i}."
@@ -432,8 +351,5 @@ def save_pretrained(model: Transformer, path: str | Path, *, model_type: str | N
             if name.endswith(("_proj.weight")) and "lm_head" not in name:
                 tensors[name.removesuffix("weight") + "rms_norm.weight"] = np.ones(
                     tensors[name].shape[1], np.float32)
-    tmp = path / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(path / "model.safetensors")
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-
+    progress.note(f"saving {sum(t.nbytes for t in tensors.values()) / 2**30:.1f} GiB")
+    return tensors

@@ -5,12 +5,14 @@ Every tool that reads a model goes through here: ``eval``, ``generate``, the lm-
 (a checkpoint's saved config; for an HF directory the model's config with
 ``DataConfig.for_model``'s data section), placing the parameters straight into their shards;
 :func:`load` adds the tokenizer and its special tokens, on a data-parallel mesh over the local devices;
-:func:`source_config` reads the config alone (nothing is loaded: compile-only planning).
+:func:`source_config` reads the config alone (nothing is loaded: compile-only planning). An HF
+directory's tokenizer is its ``tokenizer.json``; bytes only for a byte-vocabulary model (said once); a
+model that needs a tokenizer the directory lacks is a one-line error when text is read
+(:func:`.hf_files.hf_tokenizer`).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,16 +21,13 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from ..config import Config, DataConfig, MeshConfig, from_dict
-from ..data.tokenizer import make_tokenizer
+from ..data.tokenizer import make_tokenizer, special_token_ids
 from ..errors import ConfigError
 from ..nn.model import Transformer
 from ..nn.sharding import make_mesh
-from .hf import config_from_hf, load_pretrained
+from .hf import load_pretrained, read_hf_config
+from .hf_files import hf_tokenizer
 from .native import load_checkpoint_model, read_config
-
-# names the common tokenizers give their begin- / end-of-text tokens (used when no tokenizer_config.json says)
-_BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
-_EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
 
 
 @dataclass(frozen=True)
@@ -71,10 +70,11 @@ def _source(hf: str | None, ckpt: str | None, flags: tuple[str, str]) -> tuple[P
     return path, hf is not None
 
 
-def _hf_config(path: Path, model_config) -> Config:
-    tok = path / "tokenizer.json"
-    return Config(model=model_config,
-                  data=DataConfig.for_model(model_config, str(tok.absolute()) if tok.is_file() else "byte"))
+def _hf_config(path: Path, hf: dict, model_config, tokenizer: str | None = None) -> Config:
+    """The run config of an HF directory: ``tokenizer`` if given, else the directory's
+    (:func:`.hf_files.hf_tokenizer`; a missing one is an error only when text is read)."""
+    tok = tokenizer or hf_tokenizer(path, hf, model_config.vocab_size, required=False)
+    return Config(model=model_config, data=DataConfig.for_model(model_config, tok))
 
 
 def source_config(hf: str | None = None, ckpt: str | None = None, *,
@@ -82,22 +82,20 @@ def source_config(hf: str | None = None, ckpt: str | None = None, *,
     """The run config of a source without loading any weights."""
     path, from_hf = _source(hf, ckpt, flags)
     if from_hf:
-        try:
-            return _hf_config(path, config_from_hf(json.loads((path / "config.json").read_text())))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path / 'config.json'}: not valid JSON ({e.msg})") from None
+        return _hf_config(path, *read_hf_config(path))
     return from_dict(Config, read_config(str(path))[0])
 
 
 def load_model(hf: str | None = None, ckpt: str | None = None, *, mesh: Mesh | None = None,
-               flags: tuple[str, str] = ("--hf", "--ckpt")) -> tuple[Transformer, Config]:
+               flags: tuple[str, str] = ("--hf", "--ckpt"), tokenizer: str | None = None) -> tuple[Transformer, Config]:
     """(model, run config) of an HF directory (``hf``) or a training checkpoint (``ckpt``: a run's
     ``checkpoints`` directory, latest step, or one step of it). Parameters are read straight into their
-    shards on ``mesh`` (default: FSDP over every local device). ``flags`` name the two options in errors."""
+    shards on ``mesh`` (default: FSDP over every local device). ``flags`` name the two options in errors;
+    ``tokenizer`` replaces an HF directory's own in the run config."""
     path, from_hf = _source(hf, ckpt, flags)
     if from_hf:
         model = load_pretrained(path, mesh=mesh)
-        return model, _hf_config(path, model.config)
+        return model, _hf_config(path, read_hf_config(path)[0], model.config, tokenizer)
     cfg, params, graphdef = load_checkpoint_model(str(path), mesh)
     return nnx.merge(graphdef, params), cfg
 
@@ -106,9 +104,13 @@ def load(hf: str | None = None, ckpt: str | None = None, *, tokenizer: str | Non
          mesh: Mesh | None = None) -> Loaded:
     """The model, run config and tokenizer of an HF directory or a training checkpoint (:func:`load_model`),
     on ``mesh`` (default :func:`local_mesh`). The tokenizer is ``tokenizer`` if given, else the run
-    config's ``data.tokenizer`` (an HF directory's ``tokenizer.json``, bytes without one)."""
+    config's ``data.tokenizer`` (an HF directory's ``tokenizer.json``; bytes only for a byte-vocabulary
+    model; else a one-line error, before any weight is read)."""
+    if hf is not None and tokenizer is None and is_hf(hf):
+        raw, model_config = read_hf_config(hf)
+        hf_tokenizer(Path(hf), raw, model_config.vocab_size, hint=", or give --tokenizer")
     mesh = mesh or local_mesh()
-    model, cfg = load_model(hf, ckpt, mesh=mesh)
+    model, cfg = load_model(hf, ckpt, mesh=mesh, tokenizer=tokenizer)
     tok_spec = tokenizer or cfg.data.tokenizer
     tok = make_tokenizer(tok_spec)
     if tok.vocab_size > model.config.vocab_size:
@@ -116,31 +118,3 @@ def load(hf: str | None = None, ckpt: str | None = None, *, tokenizer: str | Non
                           f"{model.config.vocab_size}")
     bos, eos = special_token_ids(tok)
     return Loaded(model, tok, bos, eos, mesh, str(hf or ckpt), cfg)
-
-
-def special_token_ids(tok) -> tuple[int | None, int]:
-    """(BOS id or None, end-of-text id) of a tokenizer: from ``tokenizer_config.json`` beside its
-    ``tokenizer.json`` (``bos_token`` / ``eos_token``, as transformers reads them), else by the usual
-    token names; the byte tokenizer has no BOS and ends text with byte 0."""
-    if tok.spec == "byte":
-        return None, tok.separator
-    from tokenizers import Tokenizer
-
-    t = Tokenizer.from_file(tok.spec)
-    named = {}
-    conf = Path(tok.spec).with_name("tokenizer_config.json")
-    if conf.is_file():
-        try:
-            c = json.loads(conf.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{conf}: not valid JSON ({e.msg})") from None
-        for key in ("bos_token", "eos_token"):
-            v = c.get(key)
-            v = v.get("content") if isinstance(v, dict) else v
-            if isinstance(v, str) and t.token_to_id(v) is not None:
-                named[key] = t.token_to_id(v)
-    find = lambda names: next((t.token_to_id(n) for n in names if t.token_to_id(n) is not None), None)
-    bos = named.get("bos_token", find(_BOS_NAMES))
-    eos = named.get("eos_token", find(_EOS_NAMES))
-    return bos, (eos if eos is not None else tok.separator)
-

@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     add_decode_options(p)
     add_sparsity_options(p, run="decoding (with --decode)")
     p.add_argument("overrides", nargs="*", help="dotted key=value config overrides, e.g. mesh.fsdp=-1")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value overrides may come between the flags
     decode_only = [f"--{k}" for k in DECODE_OPTIONS if getattr(args, k) != p.get_default(k)]
     if not args.decode and decode_only:
         return fail(f"{', '.join(decode_only)} go with --decode (the train step compiles the config as it is)")

@@ -12,10 +12,12 @@ scores a multiple-choice request (``acc``, ``acc_norm``, ...). Prints a table, t
 from __future__ import annotations
 
 import json
+import sys
 
 from ..checkpoints.source import load
 from ..config import KERNELS
 from ..infer.evaluate import evaluate, read_documents, read_mc
+from ..nn.sharding import data_parallel_size
 from .common import (
     Parser,
     add_source_options,
@@ -47,7 +49,13 @@ def main(argv=None) -> int:
         return fail("give --ppl FILE and/or --mc FILE")
     mc_items = read_mc(args.mc) if args.mc else None  # read the data first: its errors come fast
     docs = read_documents(args.ppl) if args.ppl else None
+    if args.batch_size < 1:
+        return fail(f"--batch_size must be positive, got {args.batch_size}")
     ld = load(hf=args.hf, ckpt=args.ckpt, tokenizer=args.tokenizer)
+    if args.batch_size % (n := data_parallel_size(ld.mesh)):
+        print(f"note: --batch_size {args.batch_size} does not divide over the {n} local devices the rows are split "
+              f"over: each batch is padded to {-(-args.batch_size // n) * n} rows (multiples of {n} run unpadded)",
+              file=sys.stderr, flush=True)
     rows, stats = evaluate(ld, docs=docs, mc_items=mc_items, seq_len=args.seq_len, batch_size=args.batch_size,
                            kernels=args.kernels, **sparsity_options(args))
     keys = list(next(iter(rows.values())))

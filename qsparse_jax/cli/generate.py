@@ -66,7 +66,7 @@ def main(argv=None) -> int:
                         "and report memory and the compiler's tokens/s; nothing runs (as qsparse compile --decode)")
     p.add_argument("--prompt_len", type=int, default=128, help="with --compile_only: prompt length in tokens")
     add_compile_options(p, flag="--compile_only")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value overrides may come between the flags
     if args.compile_only:
         if not args.config:
             raise ConfigError("--compile_only needs --config (the model to compile; no weights are read)")

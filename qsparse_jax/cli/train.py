@@ -3,8 +3,10 @@
 ``qsparse train --config configs/tiny.yaml --workdir DIR [--init_from CKPT] [--distributed] [key=value ...]``
 (``python train.py`` at the repository root is the same command). The run directory gets metrics,
 TensorBoard logs and checkpoints; an interrupted run resumes from its last checkpoint when started
-again with the same ``--workdir``. ``--compile_only`` compiles the train step instead and reports
-memory and FLOPs (the same as ``qsparse compile``).
+again with the same ``--workdir`` (from its newest intact checkpoint; a different model config is refused
+before anything is read, and a changed ``train.steps`` recomputes the learning-rate schedule, said in one
+line). ``--cpu_devices N`` trains on N simulated CPU devices. ``--compile_only`` compiles the train step
+instead and reports memory and FLOPs (the same as ``qsparse compile``).
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ def _init_distributed():
         jax.distributed.initialize()
 
 
-def add_compile_options(p: Parser, *, flag: str = "") -> None:
-    """``--topology`` / ``--cpu_devices`` / ``--report_json`` (shared with ``qsparse compile``)."""
+def add_compile_options(p: Parser, *, flag: str = "", cpu_devices: str | None = None) -> None:
+    """``--topology`` / ``--cpu_devices`` / ``--report_json`` (shared with ``qsparse compile``);
+    ``cpu_devices``: the help of ``--cpu_devices`` where it does more than compile."""
     w = f"with {flag}: " if flag else ""
     p.add_argument("--topology", help=f"{w}a TPU slice to compile for, e.g. v5p-128, v5e-256, v6e-64 (needs libtpu)")
-    p.add_argument("--cpu_devices", type=int, help=f"{w}N simulated CPU devices (instead of --topology)")
+    p.add_argument("--cpu_devices", type=int, help=cpu_devices or f"{w}N simulated CPU devices (instead of --topology)")
     p.add_argument("--report_json", help=f"{w}also write the report here as JSON")
 
 
@@ -57,14 +60,16 @@ def main(argv=None, prog: str = "qsparse train") -> int:
     p.add_argument("--compile_only", action="store_true",
                    help="compile the train step ahead of time and report memory / FLOPs / fit; train nothing "
                         "(the same as qsparse compile)")
-    add_compile_options(p, flag="--compile_only")
+    add_compile_options(p, flag="--compile_only",
+                        cpu_devices="N simulated CPU devices: train on them (a sharded run without accelerators), "
+                                    "or with --compile_only compile for them (instead of --topology)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-3")
-    args = p.parse_args(argv)
-    if not args.compile_only and (args.topology or args.cpu_devices is not None or args.report_json):
-        return fail("--topology, --cpu_devices and --report_json go with --compile_only")
+    args = p.parse_intermixed_args(argv)  # overrides may come before, between or after the flags
+    if not args.compile_only and (args.topology or args.report_json):
+        return fail("--topology and --report_json go with --compile_only")
     if not args.compile_only and not args.workdir:
         return fail("--workdir is required (the run directory), unless --compile_only")
-    if args.compile_only:
+    if args.compile_only or args.cpu_devices is not None:
         check_compile_options(args)
     if args.distributed:
         _init_distributed()

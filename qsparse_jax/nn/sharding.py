@@ -115,3 +115,66 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Batches split over every data-parallel axis (data and fsdp)."""
     return NamedSharding(mesh, P(LOGICAL_RULES["batch"]))
 
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """Devices a batch is split over: the product of the mesh axes of the ``batch`` rule."""
+    return math.prod(mesh.shape[a] for a in LOGICAL_RULES["batch"])
+
+
+def _listing(values: list[int], limit: int = 10) -> str:
+    shown = [str(v) for v in values[:limit]] + (["..."] if len(values) > limit else [])
+    return ", ".join(shown[:-1]) + f" or {shown[-1]}" if len(shown) > 1 else shown[0]
+
+
+def _multiples(n: int, k: int) -> list[int]:
+    """The multiples of ``k`` nearest ``n`` (below, when positive, and above)."""
+    below = n // k * k
+    return [m for m in (below, below + k) if m > 0] if below else [k, 2 * k]
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_batch(batch_size: int, mesh: Mesh, grad_accum: int = 1, what: str = "data.batch_size") -> None:
+    """A ``ConfigError`` (one line naming the sizes and the values that would divide) when the global
+    batch does not split evenly over the data-parallel devices or into ``grad_accum`` micro-batches;
+    checked before anything is compiled or allocated."""
+    n = data_parallel_size(mesh)
+    if batch_size % n:
+        sizes = " x ".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES)
+        fits = [d for d in _divisors(batch_size) if mesh.size % d == 0]
+        raise ConfigError(f"{what}={batch_size} does not divide over the {n} data-parallel devices of mesh {sizes}: "
+                          f"use a multiple of {n} ({_listing(_multiples(batch_size, n))}), or mesh sizes whose "
+                          f"data x fsdp is {_listing(fits)} (mesh.tensor takes the other devices)")
+    if batch_size % grad_accum:
+        raise ConfigError(f"{what}={batch_size} does not split into optim.grad_accum={grad_accum} equal micro-batches: "
+                          f"use a multiple of {grad_accum} ({_listing(_multiples(batch_size, grad_accum))}), or "
+                          f"optim.grad_accum={_listing(_divisors(batch_size))}")
+
+
+def unsplit_dimensions(state: nnx.State, mesh: Mesh) -> str | None:
+    """One line naming the parameter dimensions a mesh axis does not divide (they stay replicated along
+    it, ``logical_to_spec``) and the axis sizes that would divide them all; None when every one divides."""
+    found: dict[tuple[str, ...], set[tuple[str, int]]] = {}
+    for v in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        axes = v.get_metadata().get("logical_axes") if isinstance(v, nnx.Variable) else None
+        if not axes:
+            continue
+        shape = v.shape[-len(axes):]  # scan_layers: a leading layer axis, never sharded
+        for name, dim in zip(axes, shape):
+            over = tuple(a for a in LOGICAL_RULES.get(name, ()) if mesh.shape[a] > 1)
+            if over and dim % math.prod(mesh.shape[a] for a in over):
+                found.setdefault(over, set()).add((name, dim))
+    if not found:
+        return None
+    parts = []
+    for over, dims in found.items():
+        size = math.prod(mesh.shape[a] for a in over)
+        named = " x ".join(f"{a}={mesh.shape[a]}" for a in over) + (f" ({size})" if len(over) > 1 else "")
+        fits = [d for d in _divisors(math.gcd(*(d for _, d in dims))) if mesh.size % d == 0]
+        which = ", ".join(f"{name} {dim}" for name, dim in sorted(dims))
+        parts.append(f"mesh {named} does not divide the parameter dimensions {which}, which stay replicated over it "
+                     f"(sizes dividing them all on {mesh.size} devices: {_listing(fits)})")
+    return "note: " + "; ".join(parts)

@@ -29,9 +29,14 @@ from ..config import Config
 from ..nn.decode import make_generate
 from ..nn.layers import pack_for_inference
 from ..nn.model import Transformer
-from ..nn.sharding import activation_sharding, make_mesh, state_shardings
+from ..nn.sharding import (
+    activation_sharding,
+    make_mesh,
+    state_shardings,
+    unsplit_dimensions,
+)
 from .metrics import flops_per_token
-from .step import abstract_setup, make_train_step
+from .step import abstract_setup, make_train_step, note_once
 from .topology import GIB, chip_of, tpu_devices
 
 _OOM = re.compile(r"memory required for ([\w ]+?) \(([\d.]+)G\) exceeds available HBM")
@@ -206,6 +211,7 @@ def decode_report(cfg: Config, topology: str | None = None, batch: int = 1, prom
         chip = chip_of(devices[0])
     mesh = make_mesh(cfg.mesh, devices)
     build = lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))
+    note_once(unsplit_dimensions(nnx.split(nnx.eval_shape(build))[1], mesh))
     if cfg.model.kernels != "off":
         build = lambda: pack_for_inference(Transformer(cfg.model, rngs=nnx.Rngs(0)), bits)
     graphdef, params = nnx.split(nnx.eval_shape(build))

@@ -4,6 +4,8 @@
 ``train/step.py``'s (one ``jax.jit`` with explicit in/out shardings from the parameters' logical axes;
 the batch split over the data and fsdp mesh axes). Metrics go to ``workdir/metrics.jsonl`` (one JSON line
 per logged step) and to tensorboardX event files under ``workdir/tensorboard`` (``train/metrics.py``).
+Every input is checked before anything is written in ``workdir`` (a failing run leaves it as it was);
+resuming (``train/resume.py``) compares the saved config first and restores the newest intact step.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -19,13 +22,14 @@ import numpy as np
 
 from ..checkpoints import native as ckpt
 from ..checkpoints.native import write_config
-from ..config import Config, ModelConfig, from_dict, to_dict
+from ..config import Config, check_inputs, to_dict
 from ..data.pipeline import batch_source, load_splits, train_dataset, val_batches
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from ..nn.model import activated_params, sparsity_from_zeros
 from .metrics import MetricsLog, Progress, flops_per_token, method_metrics
 from .optim import lr_schedule
-from .step import make_eval_step, make_stats_step, make_train_step, setup
+from .resume import announce, check_saved_model, model_differences, resume
+from .step import check_mesh, make_eval_step, make_stats_step, make_train_step, setup
 from .topology import peak_flops
 
 
@@ -64,24 +68,23 @@ class _StopRequest:
 
 
 def _same_model(saved: dict | None, model) -> bool:
-    """Whether a checkpoint's saved model config is this run's: keys added since it was written take
-    their defaults; ``kernels``, ``remat`` and ``attention`` (same parameters, same gradients) may differ."""
-
-    try:
-        old = from_dict(ModelConfig, saved or {})
-    except ConfigError:
-        return False
-    same = dict(kernels="off", remat="none", attention="auto")  # how it computes, not what
-    return old.replace(**same) == model.replace(**same)
+    """Whether a checkpoint's saved model config is this run's (``resume.model_differences`` is empty)."""
+    return not model_differences(saved, model)
 
 
 def train(cfg: Config, workdir: str | Path, init_from: str | None = None, stop_after: int | None = None) -> dict:
-    """Train ``cfg`` in ``workdir``, resuming from its latest checkpoint if there is one; returns the
-    final metrics. User-facing failures raise ConfigError / DataError / CheckpointError /
-    TrainingError with one-line messages. ``stop_after`` simulates a preemption signal after that step."""
+    """Train ``cfg`` in ``workdir``, resuming from its newest intact checkpoint if there is one; returns
+    the final metrics. User-facing failures raise ConfigError / DataError / CheckpointError /
+    TrainingError with one-line messages, and every input (data, teacher, ``--init_from``, the
+    checkpoint's config, the batch against the mesh) is checked before anything is written in
+    ``workdir``. ``stop_after`` simulates a preemption signal after that step."""
 
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    check_inputs(cfg)
+    if init_from:
+        ckpt.read_config(init_from, "--init_from: ")  # a missing or unreadable checkpoint: one line, now
+    check_mesh(cfg)  # the batch against the mesh: one line now, not a sharding error in the first step
+    check_saved_model(cfg, workdir / "checkpoints")  # a different model's run: refused before the data is read
     splits = load_splits(cfg.data)
     if splits.vocab_size > cfg.model.vocab_size:
         raise DataError(f"the tokenizer of data.source has {splits.vocab_size} tokens but model.vocab_size="
@@ -100,15 +103,17 @@ def train(cfg: Config, workdir: str | Path, init_from: str | None = None, stop_a
         train_tokens = splits.train_tokens
     else:
         train_tokens = len(splits.train)
-    s, state = setup(cfg)
+    s, state = setup(cfg)  # a fresh sharded state: the restore target, or the start
+    consts = {m.name: c for m in s.methods if (c := m.constants(s.mesh)) is not None}  # e.g. the teacher, read now
     batches = iter(train_dataset(splits.train, cfg.data))
-    mngr = ckpt.manager(workdir / "checkpoints", cfg.checkpoint)
-    if mngr.latest_step() is not None:
-        state, data_state, saved = ckpt.restore(mngr, state)
-        if not _same_model(saved.get("model"), cfg.model):
-            raise ckpt.CheckpointError(f"{workdir} holds a run with a different model config; use a new --workdir")
-        batches.set_state(data_state)
-        print(f"resumed from step {int(state['step'])} in {workdir / 'checkpoints'}", flush=True)
+    ckpt_dir = workdir / "checkpoints"
+    restored = resume(cfg, ckpt_dir, state)  # the saved config is compared before any array is read
+    if restored is not None:
+        state = restored.state
+        batches.set_state(restored.data)
+        if init_from:
+            print(f"note: --init_from {init_from} is not read: {workdir} holds a run, which resumes", file=sys.stderr,
+                  flush=True)
     elif init_from:
         added = {name for m in s.methods for name in m.adds}
         params, missing = ckpt.restore_params(init_from, state["params"], allow_missing=True)
@@ -122,10 +127,23 @@ def train(cfg: Config, workdir: str | Path, init_from: str | None = None, stop_a
         extra = (f" ({len(missing)} leaves not in the checkpoint kept as the methods made them: "
                  + ", ".join(f"{k} ×{n}" for k, n in sorted(kinds.items())) + ")") if missing else ""
         print(f"initialized parameters from {init_from}{extra}", flush=True)
-    write_config(workdir, cfg)
+    # every input is checked: from here on the run writes in workdir
+    if restored is not None:
+        announce(restored, cfg, ckpt_dir, ckpt.set_aside(ckpt_dir, [st for st, _ in restored.skipped]))
+        print(f"resumed from step {restored.step} in {ckpt_dir}", flush=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mngr = ckpt.manager(ckpt_dir, cfg.checkpoint)
+    try:
+        write_config(workdir, cfg)
+        return _run(cfg, workdir, s, state, consts, splits, batches, mngr, train_tokens, stop_after)
+    finally:
+        mngr.close()  # waits for a save in flight: no orbax thread outlives the run
+
+
+def _run(cfg, workdir, s, state, consts, splits, batches, mngr, train_tokens, stop_after) -> dict:
+    """The steps from the state's own to ``train.steps``: log, evaluate, checkpoint, stop on a signal."""
     vals = {name: val_batches(v, cfg.data, cfg.train.eval_batches)
             for name, v in (splits.val_by_source or {"": splits.val}).items()}
-    consts = {m.name: c for m in s.methods if (c := m.constants(s.mesh)) is not None}
     step_fn, eval_fn, stats_fn = make_train_step(s, consts), make_eval_step(s), make_stats_step(s)
     schedule = lr_schedule(cfg.optim, cfg.train.steps)
     log = MetricsLog(workdir)
@@ -225,7 +243,5 @@ def train(cfg: Config, workdir: str | Path, init_from: str | None = None, stop_a
         stop.restore()
         progress.close()
         log.close()
-        mngr.wait_until_finished()
-        mngr.close()
     return metrics
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +24,10 @@ from ..nn.model import Transformer, nll_sum
 from ..nn.sharding import (
     activation_sharding,
     batch_sharding,
+    check_batch,
     make_mesh,
     state_shardings,
+    unsplit_dimensions,
 )
 from .methods import methods_for
 from .methods.base import Context, TrainingMethod
@@ -51,11 +54,31 @@ def trainable(params):
     return nnx.split_state(params, nnx.Param, ...)
 
 
-def _build(cfg: Config, devices=None):
-    """Mesh, graph, optimizer, methods, shardings and the jitted initializers (nothing allocated)."""
+_NOTED: set[str] = set()  # notes already printed (compile-only builds several variants of one config)
+
+
+def note_once(text: str | None) -> None:
+    if text and text not in _NOTED:
+        _NOTED.add(text)
+        print(text, file=sys.stderr, flush=True)
+
+
+def check_mesh(cfg: Config, devices=None):
+    """The mesh of ``cfg`` on ``devices`` (default: all), after checking that the batch divides over it
+    and into ``optim.grad_accum`` micro-batches (one-line ``ConfigError`` naming the values that would)."""
     mesh = make_mesh(cfg.mesh, devices)
+    check_batch(cfg.data.batch_size, mesh, cfg.optim.grad_accum)
+    return mesh
+
+
+def _build(cfg: Config, devices=None):
+    """Mesh, graph, optimizer, methods, shardings and the jitted initializers (nothing allocated). A
+    batch that does not divide over the mesh is a one-line ``ConfigError`` here, before any compile; a
+    parameter dimension a mesh axis does not divide is noted once (it stays replicated along it)."""
+    mesh = check_mesh(cfg, devices)
     model_fn = lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
     graphdef, abstract_params = nnx.split(nnx.eval_shape(model_fn))
+    note_once(unsplit_dimensions(abstract_params, mesh))
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
     methods = methods_for(cfg)
     p_sharding = state_shardings(abstract_params, mesh)

@@ -9,8 +9,9 @@ import pytest
 import torch
 import transformers
 
-from qsparse_jax.config import RopeScaling
 from qsparse_jax.checkpoints.hf import HFError, load_pretrained, pack_bitnet, save_pretrained, unpack_bitnet
+from qsparse_jax.checkpoints.hf_topk import apply_topk
+from qsparse_jax.config import RopeScaling, SparsityConfig
 from qsparse_jax.nn.model import functional
 
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -189,8 +190,12 @@ def test_import_continue_train_with_q_sparse_export_and_reload(tmp_path):
     qsparse("export-hf", str(tmp_path / "run" / "checkpoints"), str(tmp_path / "out"))
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").float()
     ours = load_pretrained(tmp_path / "out")
+    assert ours.config.sparsity == SparsityConfig.uniform(0.4)  # restored from config.json
+    dense = load_pretrained(tmp_path / "out", sparsity=SparsityConfig())
     tokens = np.random.default_rng(1).integers(0, 256, (2, 9))
-    np.testing.assert_allclose(hf_logits(exported.eval(), tokens), np.asarray(ours(jnp.asarray(tokens))), atol=1e-4)
+    np.testing.assert_allclose(hf_logits(exported.eval(), tokens), np.asarray(dense(jnp.asarray(tokens))), atol=1e-4)
+    apply_topk(exported)  # and with the top-K hooked in, transformers computes what was trained
+    np.testing.assert_allclose(hf_logits(exported, tokens), np.asarray(ours(jnp.asarray(tokens))), atol=1e-4)
     original = load_pretrained(tmp_path / "hf")
     assert not np.allclose(np.asarray(original.embed[...]), np.asarray(ours.embed[...]))  # it was trained
 

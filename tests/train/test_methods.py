@@ -231,7 +231,7 @@ def test_an_ast_run_resumes_exactly(corpus, tmp_path):
 def test_a_missing_teacher_is_a_one_line_error(corpus, tmp_path):
     from qsparse_jax.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="train.distill.teacher: no such directory"):
+    with pytest.raises(ConfigError, match="train.distill.teacher: no such"):
         train(cfg_of(corpus, "train.distill.teacher=/nonexistent"), tmp_path / "x")
 
 
