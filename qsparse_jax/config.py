@@ -336,7 +336,7 @@ class DataConfig:
     tokenizer: str = "byte"  # byte, or a path to a HF tokenizer.json
     seq_len: int = 256
     batch_size: int = 16  # global, in sequences
-    val_fraction: float = 0.02  # of documents, chosen by a hash of their name
+    val_fraction: float | None = None  # of documents, by a hash of their name; None: 0.02, or a prepared corpus's own
     seed: int = 0
     read_threads: int = 2  # grain threads reading batches ahead of the step
     prefetch: int = 4  # batches buffered ahead of the step
@@ -349,7 +349,7 @@ class DataConfig:
             _require((v := getattr(self, name)) >= 1, f"data.{name} must be a positive integer, got {v!r}")
         _require(self.read_threads >= 0, f"data.read_threads must be >= 0, got {self.read_threads!r}")
         _require(self.prefetch >= 0, f"data.prefetch must be >= 0, got {self.prefetch!r}")
-        _require(0.0 < self.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        _require(self.val_fraction is None or 0 < self.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {self.val_fraction!r}")
         _require(bool(self.source), "data.source must name the corpus: 'stdlib' or a path")
         if self.mixture:
             _require(self.source == "stdlib", "set data.source or data.mixture, not both")

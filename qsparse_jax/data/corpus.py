@@ -41,6 +41,9 @@ ALLOWED = ".txt .md .py .rst .text, .jsonl / .jsonl.gz / .jsonl.zst, .parquet, .
 SPLIT_MODES = ("line", "paragraph", "file")
 
 
+VAL_FRACTION = 0.02  # data.val_fraction when unset (a prepared corpus keeps prepare's own split)
+
+
 def is_validation(name: str, fraction: float) -> bool:
     """Stable split: a document is validation when a CRC of its name falls below the fraction."""
     return zlib.crc32(name.encode()) % 1_000_000 < fraction * 1_000_000

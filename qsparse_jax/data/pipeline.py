@@ -26,6 +26,7 @@ import numpy as np
 from ..config import DataConfig
 from ..errors import DataError
 from .corpus import (
+    VAL_FRACTION,
     document_name,
     file_format,
     is_validation,
@@ -92,12 +93,13 @@ def tokenize_corpus(cfg: DataConfig, tokenizer=None) -> TokenSplits:
     sep = np.asarray([tok.separator], np.int32)
     bad_docs = bad_bytes = 0
     first = ""
+    fraction = VAL_FRACTION if cfg.val_fraction is None else cfg.val_fraction
     for name, text, bad in documents(cfg):
         if bad:
             bad_docs, bad_bytes, first = bad_docs + 1, bad_bytes + bad, first or name
         if text:
-            parts[is_validation(name, cfg.val_fraction)] += [tok.encode(text).astype(np.int32), sep]
-    if bad_docs:
+            parts[is_validation(name, fraction)] += [tok.encode(text).astype(np.int32), sep]
+    if bad_docs and cfg.source != "stdlib":  # the embedded corpus's few bytes are nothing a user can act on
         print(f"note: data.source {cfg.source}: invalid UTF-8 in {bad_docs:,} documents ({bad_bytes:,} bytes, first: "
               f"{first}) read as U+FFFD", file=sys.stderr, flush=True)
     if not parts[False] and not parts[True]:
@@ -183,7 +185,7 @@ def _prepared_splits(path: str, cfg: DataConfig) -> TokenSplits:
     if len(val) == 0:
         raise DataError(f"{path} has no validation documents (prepared with --val_fraction {m['val_fraction']}); "
                         "prepare it again with a larger --val_fraction")
-    if abs(cfg.val_fraction - m["val_fraction"]) > 1e-12:
+    if cfg.val_fraction is not None and abs(cfg.val_fraction - m["val_fraction"]) > 1e-12:
         print(f"note: data.val_fraction={cfg.val_fraction} does not apply to {path}: its split was made by prepare "
               f"(--val_fraction {m['val_fraction']})", file=sys.stderr, flush=True)
     docs = (m["splits"]["train"]["documents"], m["splits"]["val"]["documents"])

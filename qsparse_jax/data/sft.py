@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import DataConfig
-from .corpus import decode_utf8, document_name, is_validation
+from .corpus import VAL_FRACTION, decode_utf8, document_name, is_validation
 from .tokenizer import DataError, make_tokenizer
 
 # Used when the tokenizer has no chat template (e.g. the byte tokenizer).
@@ -162,7 +162,8 @@ def read_examples(cfg: DataConfig, tok, fmt: ChatFormat) -> dict[bool, list[Exam
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            split[is_validation(f"{name}:{i + 1}", cfg.val_fraction)].append(
+            fraction = VAL_FRACTION if cfg.val_fraction is None else cfg.val_fraction
+            split[is_validation(f"{name}:{i + 1}", fraction)].append(
                 encode_example(_messages(rec, where), tok, fmt))
     if replaced:
         print(f"note: invalid UTF-8 in {len(bad_files)} SFT file(s) ({replaced} bytes; first: {bad_files[0]}) "

@@ -148,3 +148,17 @@ def test_invalid_utf8_read_in_memory_is_reported(tmp_path, capsys):
     splits = tokenize_corpus(DataConfig(source=str(src)))
     assert "invalid UTF-8 in 1 documents (2 bytes, first: corpus/bad.txt) read as U+FFFD" in capsys.readouterr().err
     assert splits.vocab_size == 256
+
+
+def test_the_val_fraction_note_appears_only_when_the_user_set_it(tmp_path, capsys):
+    from qsparse_jax.cli.prepare import main as prepare_main
+    from qsparse_jax.data.pipeline import load_splits
+
+    src = _word_files(tmp_path / "corpus")
+    assert prepare_main(["--source", str(src), "--out", str(tmp_path / "p"), "--split_docs", "file",
+                         "--val_fraction", "0.25"]) == 0
+    capsys.readouterr()
+    load_splits(DataConfig(source=str(tmp_path / "p")))  # not set: prepare's split, no note
+    assert "val_fraction" not in capsys.readouterr().err
+    load_splits(DataConfig(source=str(tmp_path / "p"), val_fraction=0.1))
+    assert "note: data.val_fraction=0.1 does not apply" in capsys.readouterr().err
