@@ -14,7 +14,8 @@ the mask given by positions: query i sees key j when ``0 ≤ qpos_i − kpos_j``
 - ``flash``: the Pallas TPU FlashAttention kernel (``jax.experimental.pallas.ops.tpu.flash_attention``)
   inside ``shard_map`` over the batch and head axes (a Pallas call is not partitioned by GSPMD);
   causal by index, packed segments; no sliding window.
-``auto`` picks flash on TPU, cudnn on GPU and xla on CPU, and falls back to ``chunked`` where the
+``auto`` picks flash on TPU, cudnn on GPU and xla on CPU (the platform of the mesh the program is
+compiled for, so a TPU slice compiled from a CPU host gets flash), and falls back to ``chunked`` where the
 fused kernel does not implement the mask.
 """
 
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from .sharding import active_mesh, logical_to_spec
+from .sharding import active_mesh, logical_to_spec, target_platform
 
 IMPLS = ("auto", "xla", "chunked", "cudnn", "flash")
 NEG = float(jnp.finfo(jnp.float32).min)
@@ -204,10 +205,10 @@ CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 def resolve(impl: str, spec: MaskSpec, platform: str | None = None, dtype=None) -> str:
-    """The implementation ``impl`` means here: ``auto`` by backend (cuDNN only for 16-bit activations,
+    """The implementation ``impl`` means here: ``auto`` by the platform compiled for (cuDNN only for 16-bit activations,
     the only ones its fused attention takes); fused kernels fall back to ``chunked`` for masks they do
     not implement. An explicit ``cudnn`` with other activations is an error."""
-    platform = platform or jax.default_backend()
+    platform = platform or target_platform()
     half = dtype is None or jnp.dtype(dtype) in CUDNN_DTYPES
     if impl == "auto":
         impl = {"tpu": "flash", "gpu": "cudnn" if half else "chunked"}.get(platform, "xla")

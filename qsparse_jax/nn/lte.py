@@ -22,7 +22,8 @@ What they do:
   ``λ_sep``·separability. Stage 2: expert ``i`` runs iff ``G(x)_i > τ``, routers frozen (:class:`LTEMethod`).
 - **Structured execution** (``model.lte.execution: gather``): only the selected experts' gate/up columns
   and down rows are read and multiplied: for one token (decode) its selected experts; for a batch the
-  union of the tokens' experts (reported as ``lte_union``), each token still masked to its own experts.
+  union of the tokens' experts (reported as ``lte_union``), either every token multiplied and masked to its
+  own experts (the loop) or only the (token, expert) pairs, as a grouped matmul (choice 8).
 - **MoEfication baseline** (:func:`fit_moefication_routers`): routers fit to a *dense* model (not trained
   with it) to predict which experts are active; the ``top_k`` best-scored experts are kept per token.
 - **From a dense model** (:func:`to_lte`, ``qsparse lte convert``): a dense checkpoint or HF
@@ -61,16 +62,28 @@ Choices the paper leaves open (or that its public descriptions do not pin down),
    score goes through a step function, so no gradient reaches the router; it is also frozen (optax mask).
 7. *Inference* (``execution: gather``) is always hard (``G > τ``, or top-k for MoEfication), whatever the
    stage: after stage 1 alone the model is evaluated the way it would be served.
-8. *Execution* (gather): a loop (``fori_loop`` with a dynamic trip count) over the union of the batch's
-   selected experts, each iteration one expert's contiguous blocks; at batch 1 the union is the token's
-   selection. The gate/up weights are kept a second time expert-major ``[2, E, dim, s]`` for inference
+8. *Execution* (gather), three ways (``GATHER_IMPLS``), picked by :func:`gather_impl` from the token count
+   and the platform (or forced by ``LTEFeedForward.gather_impl``); training uses none of them (``execution:
+   masked``: stage 1 needs every expert's output, stage 2 the masked path's gradients):
+   - *loop*: a ``fori_loop`` (dynamic trip count) over the union of the batch's selected experts, each
+     iteration one expert's contiguous blocks times every token, masked to the tokens that selected it; at
+     batch 1 the union is the token's selection. Used below ``GROUPED_FROM`` = 8 tokens (decode at batch 1).
+   - *grouped* (``ops.experts.grouped_ffn``, as MoE layers run experts): the (token, expert) pairs sorted by
+     expert in a static T·E rows, group sizes per expert, results added back per token, so only each token's
+     own experts are multiplied. ``ragged``: two ``jax.lax.ragged_dot`` (TPU / GPU, from 8 tokens); ``tiles``:
+     a loop over tiles of rows of one expert each (XLA:CPU, from 8 tokens; there ``ragged_dot`` expands to a
+     dense product per group, 4–19× slower than the dense FFN).
+   The gate/up weights are kept a second time expert-major ``[2, E, dim, s]`` for inference
    (:class:`ExpertMajor`, made by :func:`with_execution`; a deployment would store only that layout),
    because gathering the selected columns of ``[dim, hidden]`` (or blocks of ``[E, dim, s]``) on XLA:CPU
-   costs 2.7–16× the dense FFN, while the loop over contiguous blocks is the fastest skip we found. It is
-   still no faster than dense on XLA:CPU (measured, idle 2-core CPU, batch 1, half the experts: 0.9× of
-   dense at dim 1024 / hidden 2816, 0.5× at 2048 / 5632 and 4096 / 11008): the dense matmul uses every
-   core, the loop one core, and XLA copies each dynamic slice before its dot. The paper's 25 % latency cut
-   needs a kernel that reads the selected blocks in place (its Triton kernel); none is here.
+   costs 2.7–16× the dense FFN. On a loaded 2-core CPU at 50 % FFN sparsity (benchmarks/RESULTS.md, "LTE at
+   batch > 1", 8–64 tokens) the tile loop takes 0.51–1.35× the dense FFN's time (median 0.79; the loop
+   0.52–1.59×, median 0.82; tiles ahead at 64 tokens in 4 of 5 cells), a noisy machine; on an idle one
+   the loop was no faster than dense at batch 1 (0.9× of dense's speed at dim 1024 / hidden 2816, 0.5× at
+   2048 / 5632 and 4096 / 11008): the dense matmul uses every core, the loops one, and XLA copies
+   each dynamic slice before its dot. On TPU (compile-only) every form is estimated slower than dense, and at
+   batch ≥ 8 the union is every expert, so no form can read fewer bytes than the dense FFN. The paper's 25 %
+   latency cut needs a kernel that reads the selected blocks in place (its Triton kernel); none is here.
 9. *MoEfication baseline*: label of expert ``e`` for a token = 1 iff ``e`` is among the token's
    ``top_k`` experts by the L2 norm of its slice of ``up ⊙ act(gate)`` (works for SiLU, where nothing is
    exactly zero, as well as ReLU²); routers fit by Adam on binary cross-entropy over calibration tokens,
@@ -96,9 +109,29 @@ from flax import nnx
 
 from ..config import ModelConfig
 from ..errors import ConfigError
-from ..ops.experts import HIST_BINS, efficiency_loss, score_histogram, separability_loss
+from ..ops.experts import HIST_BINS, efficiency_loss, grouped_ffn, score_histogram, separability_loss
 from .layers import FeedForward, _dtype, glu_activation
-from .sharding import constrain
+from .sharding import constrain, target_platform
+
+GATHER_IMPLS = ("loop", "tiles", "ragged")  # execution=gather's ways to run the selected experts (choice 8)
+GROUPED_FROM = 8  # tokens from which the grouped forms beat the loop over the union (benchmarks/lte_grouped.py)
+
+
+def gather_impl(n_tokens: int, platform: str) -> tuple[str, int | None]:
+    """How ``execution: gather`` runs ``n_tokens`` tokens' experts on ``platform``: ``(impl, tile)`` (choice 8).
+    Below ``GROUPED_FROM`` tokens the loop over the union; from it a grouped matmul of the (token, expert)
+    pairs: ``ragged_dot`` on TPU / GPU (a native kernel there), the tile loop on CPU (``ragged_dot`` is
+    E times the dense FLOPs on XLA:CPU), tiles of ``n_tokens // 4`` rows, at least 8."""
+    if n_tokens < GROUPED_FROM:
+        return "loop", None
+    if platform in ("tpu", "gpu", "cuda", "rocm"):
+        return "ragged", None
+    return "tiles", tile_rows(n_tokens)
+
+
+def tile_rows(n_tokens: int) -> int:
+    """Rows per tile of the tile loop: a quarter of the tokens, at least 8 (at most the tokens)."""
+    return min(n_tokens, max(8, n_tokens // 4))
 
 
 class LTEFeedForward(FeedForward):
@@ -122,6 +155,7 @@ class LTEFeedForward(FeedForward):
         self.efficiency, self.sep_eps, self.execution = lte.efficiency, float(lte.sep_eps), lte.execution
         self.norm_eps = cfg.norm_eps
         self.expert_major = None  # ExpertMajor weights for execution=gather (with_execution)
+        self.gather_impl: str | None = None  # one of GATHER_IMPLS; None: gather_impl() picks by tokens, platform
         if self.top_k is not None and self.top_k > self.n_experts:
             raise ConfigError(f"model.lte.top_k={self.top_k} exceeds the {self.n_experts} experts")
         if lte.execution == "gather":
@@ -177,21 +211,46 @@ class LTEFeedForward(FeedForward):
             add(f"lte_hist_{i:02d}", counts[i])
 
     def _gather(self, x, s, sel, stats):
-        """Only the experts some token selected (choice 8): a loop over the union's experts, each reading
-        its contiguous expert-major gate and up blocks [d, s] and down block [s, d_out]; every token keeps
-        only its own experts. The loop runs ``n_union`` times (a dynamic trip count)."""
+        """Only the experts some token selected (choice 8), every token reading only its own: the loop over
+        the union's experts, or a grouped matmul of the (token, expert) pairs (``ops.experts.grouped_ffn``)."""
         lead, d = x.shape[:-1], x.shape[-1]
         E, es = self.n_experts, self.expert_size
         xt = x.reshape(-1, d)
         selt = sel.reshape(-1, E)
         n_tok = xt.shape[0]
-        union = jnp.any(selt, axis=0)
-        n_union = jnp.sum(union, dtype=jnp.int32)
-        order = jnp.argsort(jnp.logical_not(union), stable=True).astype(jnp.int32)  # the union's experts first
+        n_union = jnp.sum(jnp.any(selt, axis=0), dtype=jnp.int32)
         xs = self.w_gate.sparsify(xt)
         wgu = self.expert_major.get_value() if self.expert_major is not None else expert_major_weights(self)
         wd = self.w_down.effective_weight().reshape(E, es, -1)
         nw = None if self.subln is None else self.subln.weight[...].reshape(E, es).astype(jnp.float32)
+        if self.gather_impl is None:
+            impl, tile = gather_impl(n_tok, target_platform())
+        elif self.gather_impl in GATHER_IMPLS:
+            impl, tile = self.gather_impl, (tile_rows(n_tok) if self.gather_impl == "tiles" else None)
+        else:
+            raise ConfigError(f"LTEFeedForward.gather_impl must be one of {GATHER_IMPLS}, got {self.gather_impl!r}")
+        if impl == "loop":
+            out, ss, zeros = self._union_loop(xs, selt, n_union, wgu, wd, nw, stats is not None)
+        else:
+            act = lambda g: glu_activation(g, self.activation)
+            out, ss, zeros = grouped_ffn(xs, selt, wgu, wd, act, tile=tile, norm_weight=nw,
+                                         count_zeros=stats is not None)
+        if nw is not None:  # SubLN: RMS over the whole hidden vector (skipped neurons are zeros)
+            out = out * jax.lax.rsqrt(ss / (E * es) + self.norm_eps)[:, None]
+        if stats is not None:
+            stats["gate_up"] = stats.get("gate_up", 0.0) + self.w_gate.zeros(xs)
+            stats["down"] = stats.get("down", 0.0) + zeros
+            stats["lte_union"] = stats.get("lte_union", 0.0) + n_union.astype(jnp.float32)
+            self._stats(stats, s, sel)
+        return out.reshape(*lead, -1).astype(self.w_down.dtype)
+
+    def _union_loop(self, xs, selt, n_union, wgu, wd, nw, count_zeros):
+        """A loop over the union's experts (``n_union`` iterations, a dynamic trip count), each reading its
+        contiguous expert-major gate and up blocks [d, s] and down block [s, d_out] and multiplying every
+        token, masked to the tokens that selected it. ``(out f32, Σh² per token, zeros of the down input)``."""
+        E, es = self.n_experts, self.expert_size
+        n_tok = xs.shape[0]
+        order = jnp.argsort(jnp.logical_not(jnp.any(selt, axis=0)), stable=True).astype(jnp.int32)  # union first
         dt = self.w_down.dtype
 
         def body(i, carry):
@@ -199,23 +258,16 @@ class LTEFeedForward(FeedForward):
             e = order[i]
             h = (xs @ wgu[1, e]) * glu_activation(xs @ wgu[0, e], self.activation)  # [T, s]
             h = h * selt[:, e][:, None].astype(h.dtype)
-            if stats is not None:  # decode asks for no stats: no extra reduction per expert
+            if count_zeros:  # decode asks for no stats: no extra reduction per expert
                 zeros = zeros + jnp.sum(h == 0, dtype=jnp.float32)
-            if nw is not None:  # SubLN: RMS over the whole hidden vector (skipped neurons are zeros)
+            if nw is not None:
                 ss = ss + jnp.sum(jnp.square(h.astype(jnp.float32)), axis=-1)
                 h = (h.astype(jnp.float32) * nw[e]).astype(h.dtype)
             return acc + (h.astype(dt) @ wd[e]).astype(jnp.float32), ss, zeros
 
         init = (jnp.zeros((n_tok, wd.shape[-1]), jnp.float32), jnp.zeros((n_tok,), jnp.float32), jnp.zeros((), jnp.float32))
         out, ss, zeros = jax.lax.fori_loop(0, n_union, body, init)
-        if nw is not None:
-            out = out * jax.lax.rsqrt(ss / (E * es) + self.norm_eps)[:, None]
-        if stats is not None:
-            stats["gate_up"] = stats.get("gate_up", 0.0) + self.w_gate.zeros(xs)
-            stats["down"] = stats.get("down", 0.0) + zeros + ((E - n_union) * es * n_tok).astype(jnp.float32)
-            stats["lte_union"] = stats.get("lte_union", 0.0) + n_union.astype(jnp.float32)
-            self._stats(stats, s, sel)
-        return out.reshape(*lead, -1).astype(dt)
+        return out, ss, zeros + ((E - n_union) * es * n_tok).astype(jnp.float32)
 
 
 class ExpertMajor(nnx.Variable):

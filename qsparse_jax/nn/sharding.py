@@ -58,6 +58,15 @@ def active_mesh() -> Mesh | None:
     return _ACTIVATION_MESH.get()
 
 
+def target_platform() -> str:
+    """The platform the program being traced is compiled for: the active mesh's devices (a TPU slice
+    compiled from a CPU host says ``tpu``), else the host's default backend."""
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is not None:
+        return mesh.devices.flat[0].platform
+    return jax.default_backend()
+
+
 def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
     """``with_sharding_constraint`` of an activation by the logical names of its dimensions (MaxText's
     logical constraints), when traced under ``activation_sharding``; otherwise ``x`` unchanged, so

@@ -1,5 +1,6 @@
 """The LTE layer (nn/lte.py): stage 2 is the dense FFN restricted to each token's selected experts and stage 1 the
-soft mixture; the expert-gather path equals the masked computation; bad LTE configs are one-line errors.
+soft mixture; the expert-gather path (the loop over the union, the tile loop, the ``ragged_dot`` grouped matmul)
+equals the masked computation; bad LTE configs are one-line errors.
 
 The experts' grouping: ``tests/ops/test_experts.py``; training (frozen routers, the efficiency loss, metrics):
 ``tests/train/test_lte_training.py``; dense → LTE: ``tests/transforms/test_lte_convert.py``; gather decoding:
@@ -15,15 +16,15 @@ from flax import nnx
 
 from qsparse_jax.config import LTEConfig, ModelConfig
 from qsparse_jax.errors import ConfigError
-from qsparse_jax.nn.lte import LTEFeedForward
+from qsparse_jax.nn.lte import GATHER_IMPLS, LTEFeedForward
 from qsparse_jax.nn.model import Transformer
 
 TINY = dict(dim=32, hidden_dim=128, n_layers=2, n_heads=2, vocab_size=256, max_seq_len=64)
 
 
 
-def _ffn(activation="relu2", **lte):
-    cfg = ModelConfig(**TINY, activation=activation, lte=LTEConfig(enabled=True, expert_size=16, **lte))
+def _ffn(activation="relu2", subln=False, **lte):
+    cfg = ModelConfig(**TINY, activation=activation, subln=subln, lte=LTEConfig(enabled=True, expert_size=16, **lte))
     return LTEFeedForward(cfg, rngs=nnx.Rngs(0)), cfg
 
 
@@ -77,6 +78,27 @@ def test_expert_gather_path_equals_the_masked_dense_computation(mode):
     gathered(x, st)
     assert float(st["lte_union"]) == float(jnp.sum(ffn.select(ffn.scores(x))))
     assert float(st["lte_union"]) < cfg.hidden_dim // 16
+
+
+@pytest.mark.parametrize("impl", GATHER_IMPLS)
+def test_each_gather_execution_equals_the_masked_path_with_its_zero_counts(impl):
+    """The loop over the union, the tile loop and the ``ragged_dot`` grouped matmul (choice 8), with SubLN:
+    the output and the down-input zero count of the masked path; a zero token selects no expert."""
+    ffn, cfg = _ffn("silu", subln=True, stage=2)
+    ffn.router[...] = ffn.router[...] * 50
+    ffn.subln.weight[...] = 1 + 0.5 * jax.random.normal(jax.random.key(3), ffn.subln.weight[...].shape)
+    gathered = LTEFeedForward(cfg.replace(lte=dataclasses.replace(cfg.lte, execution="gather")), rngs=nnx.Rngs(0))
+    nnx.update(gathered, nnx.state(ffn))
+    gathered.gather_impl = impl
+    x = jax.random.normal(jax.random.key(5), (3, 1, 32)).at[0, 0].set(0.0)  # σ(0) = τ: no expert
+    sel = ffn.select(ffn.scores(x))
+    assert not sel[0, 0].any() and 0 < float(jnp.mean(sel)) < 1
+    assert not jnp.all(jnp.any(sel, axis=(0, 1)))  # some experts unread: their neurons count as zeros
+    st_m, st_g = {}, {}
+    out = jax.jit(lambda x: (gathered(x, st_g), st_g))(x)
+    np.testing.assert_allclose(out[0], ffn(x, st_m), atol=1e-5, rtol=1e-5)
+    assert float(out[1]["down"]) == float(st_m["down"])
+    assert float(out[1]["lte_union"]) == float(jnp.sum(jnp.any(sel.reshape(-1, sel.shape[-1]), axis=0)))
 
 
 def test_bad_lte_configs_are_one_line_errors():
