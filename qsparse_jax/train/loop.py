@@ -146,8 +146,8 @@ def _run(cfg, workdir, s, state, consts, splits, batches, mngr, train_tokens, st
             for name, v in (splits.val_by_source or {"": splits.val}).items()}
     step_fn, eval_fn, stats_fn = make_train_step(s, consts), make_eval_step(s), make_stats_step(s)
     schedule = lr_schedule(cfg.optim, cfg.train.steps)
-    log = MetricsLog(workdir)
     start = int(state["step"])
+    log = MetricsLog(workdir, start)  # steps after start logged by a run killed before saving them are dropped
     total = cfg.train.steps
     progress = Progress(total, start)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len

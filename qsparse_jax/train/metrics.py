@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -64,13 +65,20 @@ class Progress:
 
 
 class MetricsLog:
-    """metrics.jsonl + tensorboardX, written by host 0 only."""
+    """metrics.jsonl + tensorboardX, written by host 0 only, for a run going on from step ``start``.
 
-    def __init__(self, workdir: Path):
+    Each step is logged once: rows of steps after ``start`` that an earlier run logged (it was killed after
+    logging them, before the checkpoint it resumes from had them saved) are dropped from metrics.jsonl, and
+    tensorboard is told to purge its events from step ``start + 1`` on, as the resumed run logs them again."""
+
+    def __init__(self, workdir: Path, start: int = 0):
         from tensorboardX import SummaryWriter
 
         self.path = workdir / "metrics.jsonl"
-        self.tb = SummaryWriter(str(workdir / "tensorboard")) if jax.process_index() == 0 else None
+        self.tb = None
+        if jax.process_index() == 0:
+            _drop_rows_after(self.path, start)
+            self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=start + 1)
 
     def write(self, step: int, metrics: dict):
         if self.tb is None:
@@ -88,6 +96,25 @@ class MetricsLog:
     def close(self):
         if self.tb is not None:
             self.tb.close()
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    """Keep the rows of ``path`` (metrics.jsonl) up to ``step``; a line cut short by a kill is dropped too."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line)
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
 
 
 def method_metrics(step_metrics: dict, methods: list[TrainingMethod], params, stats, n_tokens: int) -> dict:

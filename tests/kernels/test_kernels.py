@@ -145,6 +145,7 @@ def test_cpu_chunked_float32_formulation_is_exact(m, d, n, bits, seed, keep, chu
 @pytest.mark.parametrize("impl,m,bits", [
     ("xla", 1, 2), ("xla", 3, 1.6), ("xla", DECODE_MAX_TOKENS + 5, 2),   # gather and int8 GEMM paths
     ("interpret", 1, 1.6), ("interpret", DECODE_MAX_TOKENS + 5, 2),       # gather kernel and matmul kernel
+    ("interpret", DECODE_MAX_TOKENS + 5, 1.6),                            # the batched kernel on 1.6-bit planes
 ])
 def test_qsparse_matmul_equals_reference_within_float32_rounding(impl, m, bits):
     d, n, k = 200, 37, 70

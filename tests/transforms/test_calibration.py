@@ -1,11 +1,17 @@
 """Calibration on a model (each block linear's input norms and Hessians) and one-shot N:M pruning of every
 block linear (magnitude, Wanda, SparseGPT)."""
 
+import os
+import sys
+
 import numpy as np
 import pytest
 
 from qsparse_jax.ops.nm import group_zero_fraction
 from qsparse_jax.transforms.calibration import METHODS, calibrate, prune_model
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "nn"))
+from numpy_transformer import Reference  # noqa: E402 (the independent float64 forward of tests/nn)
 
 
 def _tiny_model(scan_layers=False, seed=0):
@@ -58,6 +64,71 @@ def test_prune_model_makes_every_block_linear_2_4_and_leaves_the_rest(method, sc
                 np.testing.assert_array_equal(a[a != 0], before[k][a != 0])
         else:
             np.testing.assert_array_equal(a, before[k])
+
+
+class _RecordingReference(Reference):
+    """The independent numpy forward, adding up ``Σ_tokens x_j²`` of every projection's input (what the
+    projection's matmul consumes) per ``(layer, group, linear)``."""
+
+    def __init__(self, config, params):
+        super().__init__(config, params)
+        self.names = {id(lin["weight"]): (i, group, name) for i, layer in self.p["layers"].items()
+                      for group in ("attn", "mlp") for name, lin in layer[group].items() if name in LINEARS}
+        self.sq: dict = {}
+
+    def project(self, xs, w):
+        x2 = xs.reshape(-1, xs.shape[-1])
+        key = self.names[id(w)]
+        self.sq[key] = self.sq.get(key, 0.0) + np.sum(x2 * x2, axis=0)
+        return super().project(xs, w)
+
+
+def _keep_2_of_4(score):
+    """numpy: per output feature, the 2 highest scores of each 4 consecutive inputs ([in, out]), and per group
+    the gap between the 2nd and 3rd highest over the highest (how clearly the group's choice is decided)."""
+    g = np.moveaxis(score.reshape(score.shape[0] // 4, 4, score.shape[1]), 1, -1)  # [in/4, out, 4]
+    order = np.argsort(-g, axis=-1, kind="stable")
+    keep = np.zeros(g.shape, bool)
+    np.put_along_axis(keep, order[..., :2], True, axis=-1)
+    srt = np.take_along_axis(g, order, axis=-1)
+    gap = (srt[..., 1] - srt[..., 2]) / np.maximum(srt[..., 0], 1e-300)
+    return np.moveaxis(keep, -1, 1).reshape(score.shape), gap
+
+
+def test_wanda_masks_are_the_score_masks_of_the_sequentially_calibrated_input_norms():
+    """Wanda keeps, of each 4 inputs, the 2 largest ``|W_jo|·‖X_j‖`` (Sun et al. Eq. 1), ``X`` the inputs of the
+    linear over the calibration tokens with the blocks before it already pruned. Recomputed here with the
+    independent numpy forward (tests/nn/numpy_transformer.py) and a numpy top-2: a magnitude-only mask, dense
+    calibration, or norms of the wrong tensor would not match."""
+    import jax
+    from flax import nnx
+
+    model = _tiny_model()
+    cfg = model.config
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+    tokens = [np.random.default_rng(s).integers(0, 64, (2, 16)) for s in range(2)]
+    pruned, _ = prune_model(model, "wanda", tokens)
+    got = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(pruned)))
+    decided = differs_from_magnitude = 0
+    for i in range(cfg.n_layers):
+        ref = _RecordingReference(cfg, params)  # layers < i already pruned by this test
+        for t in tokens:
+            ref.logits(t)
+        for (layer, group, name), sq in ref.sq.items():
+            if layer != i:
+                continue
+            w = params["layers"][i][group][name]["weight"]
+            keep, gap = _keep_2_of_4(np.abs(w) * np.sqrt(sq)[:, None])
+            clear = np.repeat(gap > 1e-4, 4, axis=0)  # float32 vs float64 norms: skip near-ties
+            mask = got["layers"][i][group][name]["weight"] != 0
+            np.testing.assert_array_equal(mask[clear], keep[clear], err_msg=f"layer {i} {group}/{name}")
+            decided += int(clear.sum()) // 4
+            differs_from_magnitude += int(np.any((keep != _keep_2_of_4(np.abs(w))[0]).reshape(-1, 4, w.shape[1]),
+                                                 axis=1).sum())
+            params["layers"][i][group][name]["weight"] = np.where(keep, w, 0).astype(w.dtype)
+    n_groups = sum(w.size for w in jax.tree.leaves(got["layers"]) if w.ndim == 2) // 4
+    assert decided > 0.99 * n_groups
+    assert differs_from_magnitude > 0.1 * n_groups  # the check can tell Wanda from magnitude pruning
 
 
 def test_prune_progress_in_a_log_is_plain_lines_per_layer(monkeypatch, capsys):

@@ -1,6 +1,8 @@
 """Dense → LTE (transforms/lte_convert.py): the experts' permutation and the grouping leave the model's function
 unchanged (our models and an HF SiLU one); a converted dense checkpoint trains from ``--init_from``."""
 
+import os
+import sys
 from pathlib import Path
 
 import jax
@@ -17,6 +19,8 @@ from qsparse_jax.train.loop import train
 from qsparse_jax.transforms.lte_convert import convert, permute_model_params, to_lte, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "nn"))
+from numpy_transformer import Reference  # noqa: E402 (the independent float64 forward of tests/nn)
 
 TINY = dict(dim=32, hidden_dim=128, n_layers=2, n_heads=2, vocab_size=256, max_seq_len=64)
 
@@ -53,7 +57,27 @@ SMALL = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.hidden_di
          "model.sparsity.down=0", "model.lte.enabled=true", "model.lte.expert_size=16"]
 
 
+class _FFNInputs(Reference):
+    """The independent numpy forward of the dense model, recording each layer's FFN input ``x`` (after the
+    norm) and its ReLU² GLU hidden activations ``up(x) ⊙ relu²(gate(x))`` [tokens, hidden]."""
+
+    def __init__(self, config, params):
+        super().__init__(config, params)
+        self.seen = []
+
+    def feed_forward(self, p, x):
+        gate, up = x @ p["w_gate"]["weight"], x @ p["w_up"]["weight"]
+        self.seen.append((x.reshape(-1, x.shape[-1]), (up * np.maximum(gate, 0.0) ** 2).reshape(-1, up.shape[-1])))
+        return super().feed_forward(p, x)
+
+
 def test_dense_checkpoint_converts_and_trains_from_init_from(tmp_path):
+    import dataclasses
+
+    from qsparse_jax.checkpoints.source import load_model
+    from qsparse_jax.nn.model import with_config
+    from qsparse_jax.transforms.calibration import calibration_batches
+
     rng = np.random.default_rng(0)
     (tmp_path / "c").mkdir()
     for i in range(8):
@@ -61,11 +85,35 @@ def test_dense_checkpoint_converts_and_trains_from_init_from(tmp_path):
     base = SMALL[:-2] + [f"data.source={tmp_path / 'c'}", "train.log_every=1", "train.eval_every=2",
                          "train.eval_batches=1"]
     dense_cfg = load_config(str(ROOT / "configs/tiny.yaml"), base + ["train.steps=2"])
-    write_checkpoint(Transformer(dense_cfg.model, rngs=nnx.Rngs(0)), dense_cfg, tmp_path / "dense")
+    dense = Transformer(dense_cfg.model, rngs=nnx.Rngs(0))
+    write_checkpoint(dense, dense_cfg, tmp_path / "dense")
     summary = convert(str(tmp_path / "lte0"), ckpt=str(tmp_path / "dense" / "checkpoints"),
-                        lte=LTEConfig(enabled=True, expert_size=16, mode="moefication", top_k=4), calib_batches=1,
-                        fit_steps=20)
+                      lte=LTEConfig(enabled=True, expert_size=16, mode="moefication", top_k=4), calib_batches=1,
+                      fit_steps=20)
     assert summary["experts"] == 8 and len(summary["router_topk_recall"]) == 2
+    converted, cfg0 = load_model(ckpt=str(tmp_path / "lte0" / "checkpoints"))
+    assert cfg0.model.lte.top_k == 4 and cfg0.model.activation == "relu2" and not cfg0.model.sparsity.enabled
+
+    # the routers pick the experts that are active: on the calibration tokens, of each token's 4 experts with the
+    # largest hidden activations (L2 norm over the expert's neurons) in the dense FFN, recomputed here with the
+    # independent numpy forward, the router's top 4 name most (a router that was not fit names half: 4 of 8)
+    tokens = np.concatenate([np.asarray(b) for b in calibration_batches(cfg0.data, 1)])
+    ref = _FFNInputs(cfg0.model, nnx.to_pure_dict(nnx.state(converted)))
+    ref.logits(tokens)
+    recall = []
+    for (x, h), layer in zip(ref.seen, ref.p["layers"].values()):
+        active = np.argsort(-np.linalg.norm(h.reshape(len(h), 8, 16), axis=-1), axis=-1)[:, :4]
+        routed = np.argsort(-(x @ layer["mlp"]["router"]), axis=-1)[:, :4]
+        recall.append(np.mean([len(set(a) & set(r)) / 4 for a, r in zip(active, routed)]))
+    assert min(recall) > 0.8, recall
+    np.testing.assert_allclose(summary["router_topk_recall"], recall, atol=0.01)  # what convert reports
+
+    # keeping every expert (top_k = E) is the dense model: its logits, through the permuted, grouped weights
+    t = jnp.asarray(tokens[:2])
+    every = with_config(converted, lte=dataclasses.replace(cfg0.model.lte, top_k=8))
+    np.testing.assert_allclose(every(t), dense(t), atol=2e-5, rtol=1e-5)
+    assert not np.allclose(converted(t), dense(t), atol=1e-3)  # top 4: the routing decides
+
     cfg = load_config(str(tmp_path / "lte0" / "config.yaml"), ["model.lte.mode=lte", "model.lte.top_k=null",
                                                              "model.lte.eta=0.5", "train.steps=2"])
     metrics = train(cfg, tmp_path / "stage1", init_from=str(tmp_path / "lte0" / "checkpoints"))

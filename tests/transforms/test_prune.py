@@ -1,11 +1,19 @@
 """``qsparse prune``: one-shot 2:4 checkpoints that evaluate, train and export like any other."""
 
+import os
+import sys
+
+import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 from qsparse_jax.config import Config, DataConfig, ModelConfig, TrainConfig, to_dict
+from qsparse_jax.data.pipeline import load_splits, val_batches
 from qsparse_jax.transforms.calibration import METHODS
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "nn"))
+from numpy_transformer import Reference  # noqa: E402 (the independent float64 forward of tests/nn)
 
 LINEARS = {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"}
 
@@ -38,13 +46,29 @@ def flat_params(path):
     return {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(load(ckpt=str(path)).model))}
 
 
+def pure_params(path):
+    from qsparse_jax.checkpoints.source import load
+
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(load(ckpt=str(path)).model)))
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_pruned_checkpoint_is_exactly_2_4_in_every_block_linear_and_loads_for_eval(method, dense_ckpt, tmp_path):
     from qsparse_jax.cli.eval import main as eval_main
     from qsparse_jax.transforms.prune import prune
 
     s = prune(method, str(tmp_path / "out"), ckpt=str(dense_ckpt), calib_batches=2, eval_batches=1, progress=False)
-    assert s["val_loss_after"] > 0 and np.isfinite(s["val_loss_after"])
+    # the reported losses are the dense input's and the written checkpoint's on the first validation batch,
+    # recomputed with the independent numpy forward (tests/nn/numpy_transformer.py)
+    cfg = tiny_config()
+    t = np.asarray(next(iter(val_batches(load_splits(cfg.data).val, cfg.data, 1))))
+    for key, path in (("val_loss_before", dense_ckpt), ("val_loss_after", tmp_path / "out" / "checkpoints")):
+        logits = Reference(cfg.model, pure_params(path)).logits(t[:, :-1])
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        nll = -np.take_along_axis(logp, t[:, 1:, None], axis=-1).mean()
+        assert s[key] == pytest.approx(nll, rel=1e-5), key
+    assert abs(s["val_loss_after"] - s["val_loss_before"]) > 1e-4  # (so the check above tells the two apart)
     before, after = flat_params(dense_ckpt), flat_params(tmp_path / "out" / "checkpoints")
     assert before.keys() == after.keys()
     for k, a in after.items():
@@ -59,19 +83,28 @@ def test_pruned_checkpoint_is_exactly_2_4_in_every_block_linear_and_loads_for_ev
 
 
 def test_pruned_checkpoint_trains_with_ast_and_exports(dense_ckpt, tmp_path):
-    from qsparse_jax.checkpoints.hf import export_hf
-    from qsparse_jax.transforms.prune import prune
+    from safetensors.numpy import load_file
+
+    from qsparse_jax.checkpoints.hf import export_hf, hf_names
     from qsparse_jax.train.loop import train
+    from qsparse_jax.transforms.prune import prune
 
     prune("wanda", str(tmp_path / "out"), ckpt=str(dense_ckpt), calib_batches=1, progress=False)
     cfg = tiny_config(weight_sparsity=dict(n=2, m=4, mask_every=1))
     metrics = train(cfg, tmp_path / "run", init_from=str(tmp_path / "out" / "checkpoints"))
     assert np.isfinite(metrics["val_loss"])
-    dst = export_hf(str(tmp_path / "out" / "checkpoints"), str(tmp_path / "hf"))
-    from safetensors.numpy import load_file
-
-    t = load_file(dst / "model.safetensors")["model.layers.1.mlp.down_proj.weight"]  # [out, in]
-    assert np.all((t != 0).reshape(t.shape[0], -1, 4).sum(-1) == 2)
+    dst = export_hf(str(tmp_path / "run" / "checkpoints"), str(tmp_path / "hf"))  # the trained run
+    exported = load_file(dst / "model.safetensors")
+    pruned, trained = flat_params(tmp_path / "out" / "checkpoints"), flat_params(tmp_path / "run" / "checkpoints")
+    linears = {path: name for path, (name, _) in hf_names(cfg.model).items()
+               if path[0] == "layers" and path[-2] in LINEARS and path[-1] == "weight"}
+    assert len(linears) == 7 * cfg.model.n_layers
+    for path, name in linears.items():
+        t = exported[name]  # [out, in]: N:M groups run along the input axis, here the last (ops/nm.py)
+        assert np.all((t != 0).reshape(t.shape[0], -1, 4).sum(-1) == 2), name  # 2 of every 4 inputs, no fewer
+        # the trained weights with their AST mask applied (W ⊙ M), not the pruned input the run started from
+        np.testing.assert_array_equal(t, np.where(trained[path[:-1] + ("mask",)] != 0, trained[path], 0).T, name)
+        assert not np.array_equal(t, pruned[path].T), name
 
 
 @pytest.mark.parametrize("args,msg", [
