@@ -22,7 +22,7 @@ LAYERS = [
     {"", "errors", "_quiet_tpu", "progress"},
     {"ops"},
     {"kernels"},
-    {"config"},
+    {"config", "config_model"},
     {"nn"},
     {"data"},
     {"checkpoints"},

@@ -14,6 +14,9 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 # The fields that make each recipe what its name says (dotted path -> value). A new config must add a row.
 _SIZES = {"300m": (1024, 24), "700m": (1536, 24), "1.3b": (2048, 24), "7b": (4096, 32)}
+_QWEN2_7B = {"model.dim": 3584, "model.n_layers": 28, "model.hidden_dim": 18944, "model.n_heads": 28,
+             "model.n_kv_heads": 4, "model.vocab_size": 152064, "model.rope_theta": 1e6, "model.qkv_bias": True,
+             "model.sliding_window": None, "model.norm_eps": 1e-6, "model.sparsity.down": 0.604}
 RECIPES = {
     "tiny": {"model.dim": 256, "model.n_layers": 4, "model.activation": "relu2", "model.sparsity.qkv": 0.3,
              "data.source": "stdlib", "train.steps": 300},
@@ -21,12 +24,16 @@ RECIPES = {
                  "model.sparsity.qkv": 0.3, "optim.weight_decay": 0.0},
     "ast-llama2-7b": {"model.dim": 4096, "model.hidden_dim": 11008, "model.activation": "silu",
                       "model.weight_sparsity.n": 2, "model.weight_sparsity.m": 4, "model.weight_sparsity.decay_max": 6e-5,
-                      "optim.lr": 2e-5},
+                      "optim.lr": 2e-5, "model.weight_sparsity.slorb": True, "model.weight_sparsity.slorb_group": 16,
+                      "model.weight_sparsity.slorb_train_x": True, "model.weight_sparsity.score": "magnitude",
+                      "model.weight_sparsity.decay_after_clip": True, "train.distill.squarehead": 0.0},
     "lte-tiny-stage1": {"model.lte.enabled": True, "model.lte.stage": 1, "model.lte.expert_size": 32},
     "lte-tiny-stage2": {"model.lte.enabled": True, "model.lte.stage": 2, "model.lte.expert_size": 32},
     "mistral-7b-continued-qsparse": {"model.hidden_dim": 14336, "model.n_kv_heads": 8, "model.sliding_window": 4096},
     "mistral-7b-openorca-qsparse": {"model.hidden_dim": 14336, "data.task": "sft", "model.sparsity.down": 0.604,
                                     "train.epochs": 1},
+    "qwen2-7b-continued-qsparse": {**_QWEN2_7B, "data.batch_size": 2048, "optim.lr": 5e-5, "optim.weight_decay": 0.01},
+    "qwen2-7b-openorca-qsparse": {**_QWEN2_7B, "data.task": "sft", "train.epochs": 1, "optim.warmup_fraction": 0.03},
 }
 for _size, (_dim, _layers) in _SIZES.items():
     RECIPES[f"{_size}-dense"] = {"model.dim": _dim, "model.n_layers": _layers, "model.sparsity.enabled": False}
@@ -130,6 +137,27 @@ def test_openorca_fine_tuning_config_is_one_epoch_cosine_with_3_percent_warmup()
     assert cfg.model.sparsity == load_config("configs/mistral-7b-continued-qsparse.yaml").model.sparsity
     f = lr_schedule(cfg.optim, 1000)  # steps come from the data at run time; warmup is 3 % of them
     assert float(f(29)) < cfg.optim.lr and np.isclose(float(f(30)), cfg.optim.lr) and float(f(1000)) < 1e-9
+
+
+@pytest.mark.parametrize("recipe", ["continued", "openorca"])
+def test_qwen2_configs_are_the_mistral_recipes_on_the_model_qwen2_7b_imports_as(recipe):
+    """The model section is what import-hf makes of Qwen2-7B's config.json (checkpoints/hf_config.py) plus
+    the Mistral recipe's top-K; everything but the model is the Mistral recipe's."""
+    from dataclasses import replace
+
+    from qsparse_jax.checkpoints.hf_config import config_from_hf
+
+    qwen2_7b = {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "rope_theta": 1000000.0,
+                "rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "hidden_act": "silu",
+                "tie_word_embeddings": False, "sliding_window": 131072, "use_sliding_window": False}
+    qwen, mistral = (load_config(f"configs/{m}-7b-{recipe}-qsparse.yaml") for m in ("qwen2", "mistral"))
+    compute = {k: getattr(qwen.model, k) for k in ("sparsity", "dtype", "param_dtype", "remat")}
+    assert qwen.model.head_size == 128  # 3584 / 28: derived here, written out by the import
+    assert qwen.model == config_from_hf(qwen2_7b).replace(head_dim=None, **compute)
+    assert qwen.model.sparsity == mistral.model.sparsity
+    assert (qwen.data, qwen.optim, qwen.train) == (replace(mistral.data, tokenizer=qwen.data.tokenizer), mistral.optim,
+                                                   mistral.train)
 
 
 @pytest.mark.parametrize("override, msg", [

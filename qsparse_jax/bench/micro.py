@@ -58,6 +58,7 @@ def bench_topk(args) -> int:
     fns = {
         "dense": _layer_step(lambda x: x),
         f"top-K k={k}": _layer_step(lambda x: topk_sparsify(x, k)),
+        "statistical": _layer_step(lambda x: topk_sparsify(x, k, select="statistical")),
         f"block {args.block_n}:{args.block_m}": _layer_step(lambda x: topk_sparsify(x, args.block_n, block_size=args.block_m)),
         "lax.top_k": _layer_step(lambda x: _lax_topk_sparsify(x, k)),
     }

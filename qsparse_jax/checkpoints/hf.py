@@ -266,8 +266,8 @@ _MASK, _SLORB_S, _SLORB_X = "mask", "slorb_s", "slorb_x"  # AST state of a Spars
 
 def _fold_weight_sparsity(c: ModelConfig, params: dict) -> dict:
     """AST models: each masked weight as the matrix the model multiplies by, ``W ⊙ M`` (N:M zeros in place),
-    plus SLoRB folded in exactly, ``W ⊙ M + Xᵀ S`` (input ``j`` of group ``g`` adds ``X_g,j%k · S_g`` to its
-    row; this fills the pruned positions, so the exported weights are then dense). The mask and SLoRB
+    plus SLoRB folded in exactly, ``W ⊙ M + Xᵀ S`` (``X`` ``[in/k, in]``, the group sums when not trained;
+    this fills the pruned positions, so the exported weights are then dense). The mask and SLoRB
     entries themselves are dropped: transformers has no place for them."""
     out = {}
     for key, a in params.items():
@@ -282,8 +282,8 @@ def _fold_weight_sparsity(c: ModelConfig, params: dict) -> dict:
                                   "after the quantized matmul); export a model trained without model.weight_sparsity.slorb")
                 S = params[base + (_SLORB_S,)]  # [in/k, out]
                 k = a.shape[0] // S.shape[0]
-                X = params.get(base + (_SLORB_X,), np.ones((S.shape[0], k), np.float32))  # [in/k, k]
-                a = a + (X[:, :, None] * S[:, None, :]).reshape(a.shape)
+                X = params.get(base + (_SLORB_X,))  # [in/k, in]; absent: the fixed group sums
+                a = a + (np.repeat(S, k, axis=0) if X is None else X.T @ S)
         out[key] = a
     return out
 

@@ -16,11 +16,12 @@ from flax import nnx
 
 from ..config import ModelConfig, RopeScaling
 from ..kernels import pack_ternary, qsparse_matmul
-from ..ops.nm import nm_mask, slorb_apply, slorb_init
+from ..ops.nm import nm_mask, slorb_apply, slorb_init, slorb_x_init
 from ..ops.quant import quantize_activations, quantize_weights
 from ..ops.topk import topk_sparsify
 from .attention import MaskSpec, attend
-from .sharding import constrain
+from .selection import select_topk
+from .sharding import active_mesh, constrain, logical_to_spec
 
 
 def _dtype(name: str):
@@ -128,6 +129,18 @@ def _kernel_linear_bwd(k, block_size, impl, res, g):
 kernel_linear.defvjp(_kernel_linear_fwd, _kernel_linear_bwd)
 
 
+def _per_device(f, x: jax.Array, w):
+    """``f(x, w)`` inside ``shard_map`` on the active mesh (``sharding.activation_sharding``): each device
+    its share of the batch and the whole (replicated) packed weight. XLA cannot partition a Pallas call
+    ("Mosaic kernels cannot be automatically partitioned"), so a kernel on a mesh must sit in one."""
+    mesh = active_mesh()
+    if mesh is None:
+        return f(x, w)
+    spec = logical_to_spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)
+    return jax.shard_map(f, mesh=mesh, in_specs=(spec, jax.sharding.PartitionSpec()), out_specs=spec,
+                         check_vma=False)(x, w)
+
+
 class PackedWeight(nnx.Variable):
     """Inference-only packed ternary weight (``pack_for_inference``); not a trainable ``Param``."""
 
@@ -160,6 +173,7 @@ class SparseLinear(nnx.Module):
         self.block_size = cfg.sparsity.block_size
         self.rescale = cfg.sparsity.rescale
         self.grad = cfg.sparsity.grad
+        self.select = cfg.sparsity.select
         self.input_norm = cfg.input_norm
         self.norm_eps = cfg.norm_eps
         self.act_bits = cfg.act_bits
@@ -180,9 +194,9 @@ class SparseLinear(nnx.Module):
             self.mask = nnx.data(WeightMask(mask, logical_axes=axes))
             if ws.slorb:
                 self.slorb_s = nnx.data(nnx.Param(slorb_init(w, mask, ws.slorb_group).astype(pdt), logical_axes=(None, axes[1])))
-                if ws.slorb_train_x:
-                    self.slorb_x = nnx.data(nnx.Param(jnp.ones((in_features // ws.slorb_group, ws.slorb_group), pdt),
-                                                       logical_axes=(None, None)))
+                if ws.slorb_train_x:  # the full [in/k, in] projection, the group sums at first
+                    self.slorb_x = nnx.data(nnx.Param(slorb_x_init(in_features, ws.slorb_group, pdt),
+                                                       logical_axes=(None, axes[0])))
 
     def sparsify(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
@@ -192,7 +206,8 @@ class SparseLinear(nnx.Module):
 
     def _topk_quant(self, x):
         if self.keep is not None:
-            x = topk_sparsify(x, self.keep, block_size=self.block_size, rescale=self.rescale, grad=self.grad)
+            x = select_topk(x, self.keep, block_size=self.block_size, rescale=self.rescale, grad=self.grad,
+                            select=self.select)
         if self.act_bits == 8:
             x = quantize_activations(x)  # max|x| survives top-K, so the order of the two does not matter
         return x
@@ -230,7 +245,8 @@ class SparseLinear(nnx.Module):
             impl = "auto" if self.kernels == "on" else self.kernels
             bs = self.block_size if self.keep is not None else None  # a dense group ignores the block size
             if self.packed is not None:
-                y = qsparse_matmul(xs, self.packed.get_value(), k=self.keep, block_size=bs, impl=impl)
+                y = _per_device(lambda x, w: qsparse_matmul(x, w, k=self.keep, block_size=bs, impl=impl), xs,
+                                self.packed.get_value())
             else:
                 y = kernel_linear(xs, self.masked_weight(), self.keep, bs, impl)
             y = y.astype(self.dtype)

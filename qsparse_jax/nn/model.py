@@ -74,11 +74,14 @@ class Transformer(nnx.Module):
             self.lm_head = nnx.Param(head, logical_axes=("embed", "vocab"))
 
     def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, return_stats: bool = False, cache: list | None = None):
+                 segment_ids: jax.Array | None = None, return_stats: bool = False, cache: list | None = None,
+                 return_hidden: bool = False):
         """tokens, positions, segment_ids: int [batch, seq]. With ``return_stats`` also returns the
         number of zeros seen at each projection group's matmul input (and the layers' other statistics,
         e.g. LTE's), summed over layers, with each key's [n_layers] vector under ``stats["by_layer"]``. With a KV
-        ``cache`` (:func:`init_cache`) the tokens continue the cached ones: returns ``(logits, cache)``."""
+        ``cache`` (:func:`init_cache`) the tokens continue the cached ones: returns ``(logits, cache)``. With
+        ``return_hidden`` (and ``return_stats``) ``stats["by_layer"]["hidden"]`` is the residual stream after each
+        block, [n_layers, batch, seq, dim] (layer-wise distillation)."""
         cfg = self.config
         if positions is None and cache is not None:  # without a cache, attention takes 0..s-1 itself
             start = cache["index"][0] if cfg.scan_layers else cache[0]["index"]
@@ -86,7 +89,8 @@ class Transformer(nnx.Module):
         x = constrain(jnp.take(self.embed[...], tokens, axis=0).astype(_dtype(cfg.dtype)), ACT)
         run = _remat_block(cfg.remat, return_stats) if cfg.remat != "none" and cache is None else None
         if cfg.scan_layers:
-            x, stats, new_cache = _scan_blocks(self.layers, x, positions, segment_ids, return_stats, cache, run)
+            x, stats, new_cache = _scan_blocks(self.layers, x, positions, segment_ids, return_stats, cache, run,
+                                               return_hidden)
         else:
             new_cache, per_layer = [], []
             for i, layer in enumerate(self.layers):
@@ -98,6 +102,8 @@ class Transformer(nnx.Module):
                 else:
                     x, c = layer(x, positions, segment_ids, st, cache[i])
                     new_cache.append(c)
+                if return_hidden and st is not None:
+                    st["hidden"] = x
                 per_layer.append(st)
             stats = _layer_stats(jax.tree.map(lambda *v: jnp.stack(v), *per_layer)) if return_stats else None
         x = self.norm(constrain(x, ACT)).astype(jnp.float32)
@@ -127,11 +133,11 @@ def _remat_block(policy: str, with_stats: bool = False):
 
 
 def _layer_stats(stacked: dict) -> dict:
-    """Per-layer statistics [n_layers] → their sums, and the vectors under ``by_layer``."""
-    return {**{k: jnp.sum(v) for k, v in stacked.items()}, "by_layer": stacked}
+    """Per-layer statistics [n_layers] → their sums, and the vectors under ``by_layer`` (``hidden``: there only)."""
+    return {**{k: jnp.sum(v) for k, v in stacked.items() if k != "hidden"}, "by_layer": stacked}
 
 
-def _scan_blocks(blocks, x, positions, segment_ids, return_stats: bool, cache, run):
+def _scan_blocks(blocks, x, positions, segment_ids, return_stats: bool, cache, run, return_hidden: bool = False):
     """The stacked Block applied layer after layer with ``lax.scan`` over its split state (one traced
     body, so compile time does not grow with depth): returns (x, stats (``_layer_stats``), new cache).
     A plain ``lax.scan`` over ``nnx.split`` state, not ``nnx.scan``, so the model can itself be called
@@ -149,6 +155,8 @@ def _scan_blocks(blocks, x, positions, segment_ids, return_stats: bool, cache, r
             x, st = run(block, x, positions, segment_ids)
         else:
             x = block(x, positions, segment_ids, st)
+        if return_hidden and st is not None:
+            st["hidden"] = x
         return constrain(x, ACT), (st, c)
 
     x, (stats, new_cache) = jax.lax.scan(body, x, (state, cache))

@@ -117,32 +117,41 @@ def slorb_init(w: jax.Array, mask: jax.Array, k: int = 16) -> jax.Array:
 
 
 def slorb_apply(x: jax.Array, S: jax.Array, k: int = 16, X: jax.Array | None = None) -> jax.Array:
-    """``S · (X x)``: ``X`` sums each group of ``k`` consecutive inputs (a block of ones, ``[in/k, k]``
-    per-group weights when given, initialized to ones when trainable): ``(Xx)_g = Σ_{i<k} X_gi · x_{gk+i}``,
-    then ``y_o = Σ_g (Xx)_g · S_go``. ``x``: ``[..., in]``; ``S``: ``[in/k, out]``. Added to the layer's output."""
+    """``S · (X x)``, added to the layer's output. ``x``: ``[..., in]``; ``S``: ``[in/k, out]``; ``X``: None (the
+    fixed projection: each group of ``k`` consecutive inputs summed, ``(Xx)_g = Σ_{i<k} x_{gk+i}``) or the
+    full trainable projection ``[in/k, in]`` (the authors' ``x_proj``, :func:`slorb_x_init`), ``(Xx)_g = Σ_j X_gj x_j``;
+    then ``y_o = Σ_g (Xx)_g · S_go``."""
     *lead, d_in = x.shape
     if d_in % k:
         raise ValueError(f"SLoRB groups of k={k} need the input dimension ({d_in}) to be a multiple of k")
-    xg = x.reshape(*lead, d_in // k, k)
-    z = jnp.sum(xg, axis=-1) if X is None else jnp.einsum("...gi,gi->...g", xg, X.astype(x.dtype))
+    if X is None:
+        z = jnp.sum(x.reshape(*lead, d_in // k, k), axis=-1)
+    else:
+        if X.shape != (d_in // k, d_in):
+            raise ValueError(f"SLoRB X must be [in/k, in] = {(d_in // k, d_in)}, got {tuple(X.shape)}")
+        z = jnp.einsum("...j,gj->...g", x, X.astype(x.dtype))
     return jnp.einsum("...g,go->...o", z, S.astype(x.dtype))
 
 
 def slorb_x_init(in_features: int, k: int = 16, dtype=jnp.float32) -> jax.Array:
-    """The trainable ``X`` of :func:`slorb_apply` at initialization: ones ``[in/k, k]`` (plain group sums)."""
+    """The trainable ``X`` ``[in/k, in]`` of :func:`slorb_apply` at initialization: the group sum, ones on
+    the block diagonal (``X_gj = 1`` iff ``gk <= j < (g+1)k``), zeros elsewhere; every entry trains (the
+    authors' ``x_proj`` with ``train_proj``, thu-ml/Adaptive-Sparse-Trainer ``sparse_modeling.py``)."""
     if in_features % k:
         raise ValueError(f"SLoRB groups of k={k} need the input dimension ({in_features}) to be a multiple of k")
-    return jnp.ones((in_features // k, k), dtype)
+    groups = jnp.arange(in_features) // k
+    return (groups[None, :] == jnp.arange(in_features // k)[:, None]).astype(dtype)
 
 
 def slorb_param_count(in_features: int, out_features: int, k: int = 16, trainable_x: bool = False) -> int:
-    """Extra parameters of one linear: ``S`` has ``in/k · out``; a trainable ``X`` adds ``in``."""
-    return (in_features // k) * out_features + (in_features if trainable_x else 0)
+    """Extra parameters of one linear: ``S`` has ``in/k · out``; a trainable ``X`` adds ``in/k · in``."""
+    return (in_features // k) * (out_features + (in_features if trainable_x else 0))
 
 
 def slorb_model_params(config, k: int = 16, trainable_x: bool = False) -> int:
     """SLoRB parameters of every block linear of a ``ModelConfig`` (``Σ |W|/k``: 1/16 ≈ 6 % of the block
-    projections at k = 16, the paper's "about 6 %")."""
+    projections at k = 16, the paper's "about 6 %"; a trainable ``X`` adds ``Σ in²/k``, one per linear as
+    in the authors' code: about as much again at LLaMA2-7B's shapes)."""
     c = config
     q_out, kv_out = c.n_heads * c.head_size, c.kv_heads * c.head_size
     shapes = [(c.dim, q_out), (c.dim, kv_out), (c.dim, kv_out), (q_out, c.dim),

@@ -5,13 +5,15 @@ along the input-feature (last) axis. Backward is the straight-through estimator
 ``∂Y/∂X = ∂Y/∂(X⊙M)`` (Eq. 13); the vanilla masked gradient ``∂Y/∂(X⊙M) ⊙ M`` (Eq. 12) is kept for the
 ablation. Block Q-Sparse applies the same selection in every block of ``M`` consecutive features (N:M).
 
-Selection does not sort. ``|x|`` as a float32 is non-negative, so its IEEE bit pattern read as int32
-orders exactly like the value; a per-row ``WAYS``-ary search over that integer finds the k-th largest
-magnitude: each pass counts, in one read of the row, the entries at or above ``WAYS − 1`` candidate
-thresholds and keeps the sub-range holding the k-th, so 31 bits take 8 passes at ``WAYS = 16``
-instead of binary search's 31 (used for decode's few rows on accelerators; see ``FEW_ROWS``) (plain reductions, so it also works when the feature axis is sharded,
-where ``lax.top_k`` does not). On a GPU each pass is a kernel launch plus a read of the activations:
-the 31 passes cost 0.4–1.0 ms per projection on an H200 (benchmarks/RESULTS.md). Short N:M blocks
+Selection does not sort. ``|x|`` is non-negative, so its IEEE bit pattern read as an integer orders
+exactly like the value (a 16-bit float keeps its 16-bit pattern: 2^15 candidates, not float32's 2^31);
+a per-row ``W``-ary search over that integer finds the k-th largest magnitude: each pass counts, in
+one read of the row, the entries at or above ``W − 1`` candidate thresholds and keeps the sub-range
+holding the k-th, so 31 bits take 8 passes at ``W = 16`` instead of binary search's 31, and bf16's 15
+bits 8 passes at ``W = 4`` (``W`` by the platform compiled for and the row count: ``FEW_ROWS``). Plain
+reductions, so it also works when the feature axis is sharded, where ``lax.top_k`` does not. On a GPU
+each pass is a kernel launch plus a read of the activations: the 31 float32 passes cost 0.4–1.0 ms per
+projection on an H200 (benchmarks/RESULTS.md). Short N:M blocks
 (≤ 64) instead rank every entry against its block in one pass. Ties at the threshold are broken
 towards the lowest index so that exactly ``k`` entries are kept.
 """
@@ -22,9 +24,11 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 GRADS = ("ste", "masked")
+SELECTS = ("auto", "xla", "statistical")  # exact (fused kernel where one applies / XLA search), approximate
 RESCALES = ("none", "l2_preserve")
 _FLOAT_COUNT_MIN = 128  # row length from which counting in float32 is faster (see _rows_topk_mask)
 
@@ -41,13 +45,27 @@ def keep_count(dim: int, sparsity: float) -> int:
     return k
 
 
-WAYS = 16  # sub-ranges per search pass on accelerators: ceil(31 / log2(16)) = 8 passes over the row
-CPU_WAYS = 2  # binary search on CPU, where the 15 compares per entry cost more than re-reading the row:
-# 2048×1024 rows, k = 716, 2 cores: 20 ms at 2 ways, 59 at 4, 81 at 8, 116 at 16 (interleaved medians)
-FEW_ROWS = 64  # the wide search only for at most this many rows (decode); more rows: binary everywhere.
-# H200, 16 vs 2 ways: 0.54× the time at 1×4096 and 0.52× at 8×11008, but 1.24× at 8192×4096, and a
-# 7B-shape train step took 8.3× dense instead of 2.2× (benchmarks/RESULTS.md): with many rows the
-# 15 compares per entry, not the passes, are the cost.
+WAYS = 16  # sub-ranges per search pass for decode's few rows on accelerators: ceil(31 / log2(16)) = 8 passes
+FEW_ROWS = 64  # at most this many rows (decode): WAYS on accelerators, binary on CPU, where the 15 compares
+# per entry cost more than re-reading the row (2048×1024, k = 716, 2 cores: 20 ms at 2 ways, 59 at 4, 81
+# at 8, 116 at 16). More rows (training, prefill): binary on CPU and GPU — on an H200, 16 vs 2 ways took
+# 0.54× the time at 1×4096 and 0.52× at 8×11008 but 1.24× at 8192×4096, and a 7B-shape train step 8.3×
+# dense instead of 2.2× (benchmarks/RESULTS.md): with many rows the compares, not the passes, are the
+# cost — and 4 ways on TPU, where the compiled v5p train step is bound by the passes' HBM reads
+# (benchmarks/RESULTS.md, "top-K passes").
+FEW_ROWS_WAYS = {"cpu": 2, "default": WAYS}
+MANY_ROWS_WAYS = {"tpu": 4, "default": 2}
+
+
+def _magnitude_bits(x: jax.Array) -> tuple[jax.Array, int]:
+    """``|x|``'s IEEE bit pattern as int32, which orders exactly like ``|x|``, and the pattern of +inf.
+
+    16-bit floats (bf16, f16) keep their own 16-bit pattern: the search then spans 2^15 values (15
+    binary passes) instead of float32's 2^31, and selects exactly the same entries (widening is exact)."""
+    if jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize == 2:
+        inf = int(np.array(np.inf, x.dtype).view(np.int16))
+        return lax.bitcast_convert_type(jnp.abs(x), jnp.int16).astype(jnp.int32), inf
+    return lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.int32), 0x7F800000
 
 
 def _passes(width: int, ways: int) -> int:
@@ -57,14 +75,14 @@ def _passes(width: int, ways: int) -> int:
     return n
 
 
-def _search(count_ok, lo, hi, width: int, ways: int | None):
+def _search(count_ok, lo, hi, width: int, ways: int | dict[str, int]):
     """Largest t in [lo, hi) with ``ok(t)`` true, per row, where ``ok`` is true at ``lo`` and monotone
     (true below some point, false above); ``width`` bounds ``hi − lo`` statically. ``count_ok(ts)``
     takes candidates ``[..., W]`` and returns how many of them are ok (``[..., 1]``): one pass over the
     data for all ``W``. Each pass cuts the range into ``ways`` near-equal parts."""
-    if ways is None:  # by the platform the program is compiled for (not the host's default backend)
-        return lax.platform_dependent(lo, hi, cpu=lambda lo, hi: _search(count_ok, lo, hi, width, CPU_WAYS),
-                                      default=lambda lo, hi: _search(count_ok, lo, hi, width, WAYS))
+    if isinstance(ways, dict):  # by the platform the program is compiled for (not the host's default backend)
+        branches = {p: (lambda lo, hi, w=w: _search(count_ok, lo, hi, width, w)) for p, w in ways.items()}
+        return lax.platform_dependent(lo, hi, **branches)
     j = jnp.arange(1, ways, dtype=jnp.int32)
 
     def body(_, carry):
@@ -89,9 +107,9 @@ def _rows_topk_mask(x: jax.Array, k: int, values_only: bool = False, ways: int |
     d = x.shape[-1]
     if k >= d:
         return jnp.ones(x.shape, bool)
-    if ways is None and x.size // d > FEW_ROWS:
-        ways = 2
-    bits = lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.int32)
+    if ways is None:
+        ways = FEW_ROWS_WAYS if x.size // d <= FEW_ROWS else MANY_ROWS_WAYS
+    bits, inf = _magnitude_bits(x)
     # long rows: a float32 count (exact below 2^24) vectorizes better on CPU than an int32 sum of
     # booleans (~30 % faster at d=1024); short rows (N:M blocks) are the other way round (~2x)
     if d >= _FLOAT_COUNT_MIN:
@@ -108,8 +126,8 @@ def _rows_topk_mask(x: jax.Array, k: int, values_only: bool = False, ways: int |
     def select(_):
         # threshold t = k-th largest bit pattern: largest t with #(bits >= t) >= k
         # bounds derived from `bits` so they carry its sharding (explicit-axis meshes require matching ones)
-        hi = jnp.minimum(jnp.max(bits, axis=-1, keepdims=True), 0x7F800000) + 1  # +inf at most (NaN bits are above)
-        t = _search(count_ok(lambda c: bits[..., :, None] >= c, lambda n: n >= k), hi * 0, hi, 0x7F800001, ways)
+        hi = jnp.minimum(jnp.max(bits, axis=-1, keepdims=True), inf) + 1  # +inf at most (NaN bits are above)
+        t = _search(count_ok(lambda c: bits[..., :, None] >= c, lambda n: n >= k), hi * 0, hi, inf + 1, ways)
         above = bits > t
         ties = bits == t
         need = k - count(above)
@@ -211,17 +229,50 @@ def _topk_bwd(k, block_size, rescale, grad, res, g):
 _topk_sparsify.defvjp(_topk_fwd, _topk_bwd)
 
 
+def statistical_mask(x: jax.Array, k: int) -> jax.Array:
+    """Approximate ``Top_k(|x|)`` by a per-row threshold from two reductions, no search (statistical
+    top-K: Spark Transformer, arXiv 2506.06644; Gemma 3n). Spark Transformer keeps the signed entries
+    above ``mean + std · Φ⁻¹(1 − k/d)``, the quantile of a normal with the row's moments; Q-Sparse
+    selects by magnitude, so here ``|x| ≥ std · Φ⁻¹(1 − k/(2d))``: for a centred normal row exactly a
+    fraction ``k/d`` of ``|x|`` lies above it (``std`` about the row mean). Other rows (ReLU² outputs
+    are non-negative and heavy-tailed) keep more or fewer than ``k``: studies/select measures it."""
+    d = x.shape[-1]
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    std = jnp.sqrt(jnp.maximum(jnp.mean(x32 * x32, axis=-1, keepdims=True) - mean * mean, 0.0))
+    if k >= d:
+        return jnp.ones(x.shape, bool)
+    z = float(jax.scipy.special.ndtri(1.0 - k / (2.0 * d)))
+    return jnp.abs(x32) >= std * z
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _statistical_sparsify(x, k):
+    return jnp.where(statistical_mask(x, k), x, jnp.zeros((), x.dtype))
+
+
+_statistical_sparsify.defvjp(lambda x, k: (_statistical_sparsify(x, k), None), lambda k, _, g: (g,))  # STE
+
+
 def topk_sparsify(x: jax.Array, k: int, *, block_size: int | None = None, rescale: str = "none",
-                  grad: str = "ste") -> jax.Array:
+                  grad: str = "ste", select: str = "xla") -> jax.Array:
     """``X ⊙ Top_k(|X|)`` per row of the last axis (Eq. 2–3), or per block of ``block_size`` (N:M).
 
     rescale: ``"none"`` (authors' code) or ``"l2_preserve"``: kept entries times ‖x‖/‖x ⊙ M‖ per row.
     grad: ``"ste"`` (Eq. 13, identity) or ``"masked"`` (Eq. 12, cotangent ⊙ M, times the rescale factor).
+    select: ``"xla"``/``"auto"`` the exact search here (``auto`` means the fused kernel where the caller
+    has one, ``nn/selection.py``), ``"statistical"`` the approximate threshold (``statistical_mask``).
     """
     if rescale not in RESCALES:
         raise ValueError(f"rescale must be one of {RESCALES}, got {rescale!r}")
     if grad not in GRADS:
         raise ValueError(f"grad must be one of {GRADS}, got {grad!r}")
+    if select not in SELECTS:
+        raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
     _check(x, k, block_size)
+    if select == "statistical":
+        if block_size is not None or rescale != "none" or grad != "ste":
+            raise ValueError("select='statistical' goes with whole rows (no block_size), rescale='none', grad='ste'")
+        return _statistical_sparsify(x, k)
     return _topk_sparsify(x, k, block_size, rescale, grad)
 

@@ -37,11 +37,32 @@ def wd_schedule(o: OptimConfig, steps: int):
     return lambda step: jnp.where(step < split, o.weight_decay, o.weight_decay2)
 
 
-def make_optimizer(o: OptimConfig, steps: int) -> optax.GradientTransformation:
-    """AdamW (decay on matrices only, not norms or biases) after global-norm clipping."""
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    adamw = optax.adamw(lr_schedule(o, steps), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=wd_schedule(o, steps),
-                        mask=decay_mask)
-    # always a chain, so the optimizer state keeps its structure (and resumes) whether clipping is on
-    return optax.chain(optax.clip_by_global_norm(o.clip_norm if o.clip_norm else float("inf")), adamw)
+def clip_then_adjust(clip_norm: float | None) -> optax.GradientTransformationExtraArgs:
+    """Global-norm clipping (``clip_norm``; None or 0: none), then ``after_clip(grads)`` when the caller's
+    ``update`` passes one (the methods' ``adjust_clipped``: AST's decay, added after clipping as the authors
+    do). Its state is clipping's own, so the optimizer state keeps its structure (old checkpoints resume)."""
+    clip = optax.clip_by_global_norm(clip_norm if clip_norm else float("inf"))
 
+    def update(updates, state, params=None, *, after_clip=None, **extra):
+        updates, state = clip.update(updates, state, params)
+        return (updates if after_clip is None else after_clip(updates)), state
+
+    return optax.GradientTransformationExtraArgs(clip.init, update)
+
+
+def decay_mask(params, no_decay=None):
+    """Which parameters AdamW decays: matrices (``ndim >= 2``; not norms or biases) that no method excludes
+    (``no_decay(params)``: a pytree of bools, True = not decayed, e.g. LTE's routers)."""
+    excluded = no_decay(params) if no_decay is not None else None
+    if excluded is None:
+        return jax.tree.map(lambda p: p.ndim >= 2, params)
+    return jax.tree.map(lambda p, ex: p.ndim >= 2 and not ex, params, excluded)
+
+
+def make_optimizer(o: OptimConfig, steps: int, no_decay=None) -> optax.GradientTransformation:
+    """AdamW (decay on the :func:`decay_mask` parameters) after global-norm clipping (:func:`clip_then_adjust`).
+    ``no_decay``: ``params -> pytree of bools`` (True: excluded from weight decay), the methods' ``no_decay``."""
+    adamw = optax.adamw(lr_schedule(o, steps), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=wd_schedule(o, steps),
+                        mask=lambda params: decay_mask(params, no_decay))
+    # always a chain, so the optimizer state keeps its structure (and resumes) whether clipping is on
+    return optax.chain(clip_then_adjust(o.clip_norm), adamw)

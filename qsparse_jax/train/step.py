@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import operator
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -79,8 +80,8 @@ def _build(cfg: Config, devices=None):
     model_fn = lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
     graphdef, abstract_params = nnx.split(nnx.eval_shape(model_fn))
     note_once(unsplit_dimensions(abstract_params, mesh))
-    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
     methods = methods_for(cfg)
+    optimizer = make_optimizer(cfg.optim, cfg.train.steps, no_decay=lambda p: _any_of([m.no_decay(p) for m in methods]))
     p_sharding = state_shardings(abstract_params, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
 
@@ -103,7 +104,13 @@ def _build(cfg: Config, devices=None):
     m_sharding = {m.name: m.state_shardings(p_sharding, replicated) for m in methods}
     if any(v is not None for v in m_sharding.values()):
         shardings["methods"] = {k: v for k, v in m_sharding.items() if v is not None}
-    start_fn = jax.jit(start, in_shardings=(p_sharding,), out_shardings=shardings)
+    start_jit = jax.jit(start, in_shardings=(p_sharding,), out_shardings=shardings)
+
+    def start_fn(params):  # the methods' host-side checks of loaded weights, then the jitted start
+        for m in methods:
+            params = m.before_start(params, mesh)
+        return start_jit(params)
+
     init_fn = jax.jit(lambda: start(nnx.split(model_fn())[1]), out_shardings=shardings)
     return mesh, graphdef, optimizer, init_fn, shardings, methods, start_fn
 
@@ -153,6 +160,12 @@ def _under_mesh(mesh):
     return wrap
 
 
+def _any_of(masks: list):
+    """Leafwise OR of the methods' bool pytrees (``frozen``, ``no_decay``); None when none gave one."""
+    masks = [f for f in masks if f is not None]
+    return jax.tree.map(lambda *fs: functools.reduce(operator.or_, fs), *masks) if masks else None  # bools stay bools
+
+
 def make_train_step(s: Setup, consts: dict | None = None):
     """The jitted step ``(state, batch) -> (state, metrics)``: loss = ``ce_weight·NLL + Σ method terms``
     over the counted targets, gradients of the ``nnx.Param`` leaves (accumulated over ``grad_accum``
@@ -161,6 +174,7 @@ def make_train_step(s: Setup, consts: dict | None = None):
     accum = s.cfg.optim.grad_accum
     methods = s.methods
     need_stats = any(m.needs_stats for m in methods)
+    hidden = {"return_hidden": True} if any(m.needs_hidden for m in methods) else {}
     ce_weight = math.prod(m.ce_weight for m in methods)
     consts = consts or {}
 
@@ -168,7 +182,7 @@ def make_train_step(s: Setup, consts: dict | None = None):
         # fresh Variables for the carried state, made at this trace level (nnx.remat writes state back to them)
         params = nnx.merge_state(train_params, jax.tree.map(lambda x: x, rest))
         inputs, targets, kw, weights = split_batch(batch)
-        out = s.apply(params, inputs, return_stats=need_stats, **kw)
+        out = s.apply(params, inputs, return_stats=need_stats, **hidden, **kw)
         logits, stats = out if need_stats else (out, None)
         nll, count = nll_sum(logits, targets, weights)
         ctx = Context(logits, stats, inputs, targets, weights, kw, step_no)
@@ -201,12 +215,17 @@ def make_train_step(s: Setup, consts: dict | None = None):
         loss, grads = total / count, jax.tree.map(lambda g: g / count, grads)
         for m in methods:
             grads = m.adjust_grads(grads, params, step_no)
-        frozen = [f for f in (m.frozen(train_params) for m in methods) if f is not None]
-        if frozen:  # frozen leaves: no gradient (not even in the clipping norm) and no update
-            stop = jax.tree.map(lambda *fs: functools.reduce(jnp.logical_or, fs), *frozen)
+        stop = _any_of([m.frozen(train_params) for m in methods])
+        if stop is not None:  # frozen leaves: no gradient (not even in the clipping norm) and no update
             grads = jax.tree.map(lambda g, f: jnp.where(f, jnp.zeros_like(g), g), grads, stop)
-        updates, opt_state = s.optimizer.update(grads, state["opt_state"], train_params)
-        if frozen:
+
+        def after_clip(clipped):  # the methods' adjustments of the clipped gradients (AST's decay)
+            for m in methods:
+                clipped = m.adjust_clipped(clipped, params, step_no)
+            return clipped
+
+        updates, opt_state = s.optimizer.update(grads, state["opt_state"], train_params, after_clip=after_clip)
+        if stop is not None:
             updates = jax.tree.map(lambda u, f: jnp.where(f, jnp.zeros_like(u), u), updates, stop)
         params = nnx.merge_state(optax.apply_updates(train_params, updates), rest)
         mstates = dict(state.get("methods", {}))

@@ -97,18 +97,17 @@ def test_slorb_output_is_the_explicit_formula_and_init_the_group_means():
     x = rng.normal(size=(2, 3, d_in)).astype(np.float32)
     block_of_ones = np.kron(np.eye(d_in // k), np.ones((1, k)))  # X: [in/k, in]
     np.testing.assert_allclose(np.asarray(ws.slorb_apply(x, S, k)), (x @ block_of_ones.T) @ S, rtol=1e-5, atol=1e-6)
-    xw = rng.normal(size=(d_in // k, k)).astype(np.float32)  # a trained X: per-group input weights
-    explicit = np.zeros((d_in // k, d_in))
-    for g in range(d_in // k):
-        explicit[g, g * k:(g + 1) * k] = xw[g]
-    np.testing.assert_allclose(np.asarray(ws.slorb_apply(x, S, k, xw)), (x @ explicit.T) @ S, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(ws.slorb_apply(x, S, k, ws.slorb_x_init(d_in, k))),
-                                  np.asarray(ws.slorb_apply(x, S, k)))
+    xw = rng.normal(size=(d_in // k, d_in)).astype(np.float32)  # a trained X: the full [in/k, in] projection
+    want = np.einsum("bsj,gj,go->bso", x, xw, S)
+    np.testing.assert_allclose(np.asarray(ws.slorb_apply(x, S, k, xw)), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(ws.slorb_x_init(d_in, k)), block_of_ones)  # X starts as the group sum
+    np.testing.assert_allclose(np.asarray(ws.slorb_apply(x, S, k, ws.slorb_x_init(d_in, k))),
+                               np.asarray(ws.slorb_apply(x, S, k)), rtol=1e-6, atol=1e-6)
     # equal inputs inside a group: S·(Xx) is exactly the pruned weights' contribution
     xc = np.repeat(rng.normal(size=(4, d_in // k)), k, axis=1).astype(np.float32)
     np.testing.assert_allclose(np.asarray(ws.slorb_apply(xc, S, k)), xc @ np.where(mask, 0, w), rtol=1e-4, atol=1e-5)
     assert ws.slorb_param_count(d_in, d_out, k) == S.size
-    assert ws.slorb_param_count(d_in, d_out, k, trainable_x=True) == S.size + d_in
+    assert ws.slorb_param_count(d_in, d_out, k, trainable_x=True) == S.size + xw.size
 
 
 def test_decay_moves_only_pruned_weights_with_the_annealed_lambda():

@@ -179,12 +179,55 @@ def test_every_search_width_finds_the_kth_largest_magnitude(seed, d, ways, frac)
     assert T._passes(0x7F800001, 16) == 8 and T._passes(0x7F800001, 2) == 31
 
 
-def test_accelerator_programs_use_eight_passes_and_cpu_programs_binary_search():
-    """For decode's few rows the width is chosen by the platform compiled for: the CUDA program's loop runs
-    8 times, the CPU one's 31; many rows (training) search binary everywhere."""
+def test_search_passes_follow_the_platform_compiled_for_the_row_count_and_the_dtype():
+    """Decode's few rows: 8 passes (16 ways) on accelerators, 31 (binary) on CPU. Many rows (training):
+    binary on CPU and CUDA, 4 ways on TPU (16 float32 passes). A bf16 row searches its own 15-bit
+    patterns: 15 binary passes, 8 at 4 ways. The loop's trip count is read from the lowered program."""
     f = jax.jit(lambda x: topk_mask(x, 300))
-    x = jnp.ones((4, 1000), jnp.float32)
+    few = jnp.ones((4, 1000), jnp.float32)
     many = jnp.ones((T.FEW_ROWS + 1, 1000), jnp.float32)
-    for platform, passes, rows in [("cuda", 8, x), ("cpu", 31, x), ("cuda", 31, many)]:
+    cases = [("cuda", 8, few), ("cpu", 31, few), ("cuda", 31, many), ("cpu", 31, many), ("tpu", 16, many),
+             ("cpu", 15, many.astype(jnp.bfloat16)), ("tpu", 8, many.astype(jnp.bfloat16))]
+    for platform, passes, rows in cases:
         text = f.trace(rows).lower(lowering_platforms=(platform,)).as_text()
-        assert f"constant dense<{passes}>" in text or f"constant({passes})" in text or f"= {passes} :" in text, platform
+        found = f"constant dense<{passes}>" in text or f"constant({passes})" in text or f"= {passes} :" in text
+        assert found, (platform, passes, rows.dtype)
+
+
+@given(seed=st.integers(0, 2**16), rows=st.sampled_from([3, T.FEW_ROWS + 1]), d=st.integers(8, 300),
+       frac=st.floats(0.05, 0.95), dtype=st.sampled_from(["bfloat16", "float16"]))
+def test_sixteen_bit_rows_select_exactly_the_float32_top_k(seed, rows, d, frac, dtype):
+    """Searching a 16-bit float's own bit pattern keeps the same entries as float32 (many ties: few
+    distinct bf16 values), lowest index first, exactly k per row."""
+    x = jnp.asarray(np.random.default_rng(seed).normal(size=(rows, d)), dtype)
+    k = max(1, int(frac * d))
+    mask = np.asarray(topk_mask(x, k))
+    np.testing.assert_array_equal(mask, reference_mask(np.asarray(x, np.float32), k))
+
+
+def test_statistical_threshold_keeps_k_of_d_on_average_for_normal_rows():
+    """|x| ≥ std · Φ⁻¹(1 − k/2d) keeps a fraction k/d of a centred normal row (Spark Transformer's
+    statistical top-K for magnitudes): the mean over 512 rows of 4096 is within 0.5 % of it, and the
+    kept entries are the row's largest magnitudes (a threshold, no gaps)."""
+    x = jax.random.normal(jax.random.key(0), (512, 4096))
+    for keep in (0.7, 0.4):
+        k = int(keep * 4096)
+        m = np.asarray(T.statistical_mask(x, k))
+        assert abs(m.mean() - keep) < 0.005, (keep, m.mean())
+        a = np.abs(np.asarray(x))
+        assert (np.where(m, a, np.inf).min(-1) >= np.where(m, -np.inf, a).max(-1)).all()
+
+
+def test_statistical_selection_has_the_straight_through_gradient():
+    x = jax.random.normal(jax.random.key(1), (4, 256))
+    g = jax.random.normal(jax.random.key(2), (4, 256))
+    y, vjp = jax.vjp(lambda x: topk_sparsify(x, 64, select="statistical"), x)
+    np.testing.assert_array_equal(np.asarray(y), np.where(np.asarray(T.statistical_mask(x, 64)), np.asarray(x), 0))
+    np.testing.assert_array_equal(vjp(g)[0], g)
+
+
+def test_statistical_selection_refuses_blocks_and_rescale_in_one_line():
+    x = jnp.ones((2, 64))
+    for kw in ({"block_size": 32}, {"rescale": "l2_preserve"}, {"grad": "masked"}):
+        with pytest.raises(ValueError, match="statistical"):
+            topk_sparsify(x, 16, select="statistical", **kw)

@@ -146,7 +146,7 @@ def test_decay_is_added_to_pruned_weights_gradients_only(corpus):
     params = state["params"]
     train_params = nnx.split_state(params, nnx.Param, ...)[0]
     zeros = jax.tree.map(jnp.zeros_like, train_params)
-    out = leaves_by_path(method.adjust_grads(zeros, params, jnp.asarray(100)))
+    out = leaves_by_path(method.adjust_clipped(zeros, params, jnp.asarray(100)))  # the default: after clipping
     flat = leaves_by_path(params)
     for p, g in out.items():
         if p[-1] == "weight" and p[:-1] + ("mask",) in flat:

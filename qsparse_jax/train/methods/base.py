@@ -8,7 +8,12 @@ The loop in ``train/loop.py`` knows no method by name. A method may
 - ask for the model's per-layer statistics (``needs_stats``: ``apply(..., return_stats=True)``);
 - pass constants into the jitted step (``constants``: e.g. a frozen teacher's parameters, sharded on
   the training mesh, never donated, never updated);
-- adjust gradients before the optimizer (``adjust_grads``: AST's annealed decay);
+- adjust gradients before clipping (``adjust_grads``) or after it, just before AdamW (``adjust_clipped``:
+  AST's annealed decay, after clipping as the authors add it);
+- exclude the parameters it adds from weight decay (``no_decay``: LTE's routers, AST's SLoRB);
+- ask for the residual stream after every block (``needs_hidden``: ``stats["by_layer"]["hidden"]``, SquareHead);
+- check and fill loaded weights on the host before a start from them (``before_start``: AST's SLoRB ``S``
+  from the dense original at a one-shot-pruned start);
 - freeze parameters (``frozen``: zero gradient and zero update, so they stay bit-identical);
 - refresh model state on a schedule inside the jitted step, after the update (``refresh``: AST's masks);
 - keep its own state in the train state (``init_state`` / ``state_shardings``; checkpointed with it);
@@ -50,6 +55,7 @@ class TrainingMethod:
 
     name = "method"
     needs_stats = False
+    needs_hidden = False  # with needs_stats: the residual stream after each block in stats["by_layer"]["hidden"]
     ce_weight = 1.0
     adds: tuple[str, ...] = ()  # names of the leaves it adds to a model: a checkpoint without it may lack them
     init_from_hint = ""  # said when an --init_from checkpoint lacks parameters this method needs
@@ -65,7 +71,22 @@ class TrainingMethod:
         return {}
 
     def adjust_grads(self, grads, params, step):
+        """Gradients (of the trainable state) before global-norm clipping."""
         return grads
+
+    def adjust_clipped(self, grads, params, step):
+        """Gradients after global-norm clipping, as AdamW receives them."""
+        return grads
+
+    def no_decay(self, trainable) -> Any | None:
+        """A pytree of bools over the trainable ``nnx.Param`` state (True: no weight decay), or None. The
+        parameters a method adds are excluded unless its paper says otherwise."""
+        return None
+
+    def before_start(self, params, mesh):
+        """Host side, before the jitted ``prepare`` of a start from loaded weights (``--init_from``): may check
+        their values (one-line errors) and fill what needs data from elsewhere. Returns the params."""
+        return params
 
     def frozen(self, trainable) -> Any | None:
         """A pytree of bools over the trainable ``nnx.Param`` state (True: frozen), or None."""

@@ -12,8 +12,8 @@ from .base import TrainingMethod, key_path
 
 class LTEMethod(TrainingMethod):
     """LTE in the trainer: stage 1 adds ``η · L_eff + λ_sep · L_sep`` (sums over the batch's tokens,
-    each layer's term averaged over layers); stage 2 and MoEfication freeze every router (no gradient,
-    no update: bit-identical); at log steps, FFN sparsity (overall and per layer when the stats hold
+    each layer's term averaged over layers); routers are never weight-decayed; stage 2 and MoEfication
+    freeze every router (no gradient, no update: bit-identical); at log steps, FFN sparsity (overall and per layer when the stats hold
     per-layer vectors), FFN FLOPs per token and the router-score histogram."""
 
     name = "lte"
@@ -40,6 +40,11 @@ class LTEMethod(TrainingMethod):
     def frozen(self, trainable):
         if self.lte.mode == "lte" and self.lte.stage == 1:
             return None
+        return jax.tree_util.tree_map_with_path(lambda p, _: "router" in key_path(p), trainable)
+
+    def no_decay(self, trainable):
+        """Routers are not weight-decayed: decay would pull their scores toward ``σ(0) = τ`` against the
+        separability term (the paper says nothing of decaying them; its code is not public)."""
         return jax.tree_util.tree_map_with_path(lambda p, _: "router" in key_path(p), trainable)
 
     def log_metrics(self, params, stats, n_tokens):

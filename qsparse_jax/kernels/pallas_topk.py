@@ -1,0 +1,116 @@
+"""Fused top-K selection: ``x ⊙ Top_k(|x|)`` per row in one Pallas kernel (TPU Mosaic, or interpret mode).
+
+The XLA path (``ops/topk.py``) runs its threshold search as a loop of passes, each re-reading the
+activations from HBM (31 for float32, 15 for bf16, plus a tie-break search). Here a block of rows is
+copied into VMEM once, the whole exact search runs there, and the selected values are written once:
+one HBM read of ``x`` and one write of ``y``, whatever the number of passes.
+
+Same selection as ``ops.topk.topk_mask``: exactly ``k`` entries per row, the largest magnitudes, ties
+broken towards the lowest index. In the kernel, per block of ``block_rows`` rows:
+
+1. ``bits`` = the IEEE pattern of ``|x|`` as int32 (bf16: its own 16 bits, widened exactly; other
+   dtypes: float32's 31), which orders exactly like ``|x|``;
+2. binary search for the k-th largest pattern ``t`` (largest ``t`` with ``#(bits ≥ t) ≥ k``):
+   ``value_passes`` passes, each a compare and a row sum over the block in VMEM;
+3. keep ``bits > t`` and the first ``k − #(bits > t)`` entries equal to ``t`` by index: a second
+   binary search over the index (``index_passes``), always run (no branch in the kernel).
+
+``cost_estimate`` (a Mosaic call is opaque to XLA's cost analysis): bytes = one read of ``x`` + one
+write of ``y``; flops = 3 vector operations (compare, select, add) per entry per pass, counted as
+FLOPs although they run on the vector unit, not the MXU (``topk_cost``).
+
+Rows need not divide the block: the grid covers ``ceil(rows / block_rows)`` blocks and the rows past
+the end of the last one are computed on whatever the buffer holds and never written back. The
+straight-through gradient (Eq. 13) is the caller's (``nn/selection.py``): the kernel is the forward.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+VMEM_BLOCK_BYTES = 1 << 20  # int32 bits of one block: 1 MiB (the block's live temporaries are a few of these)
+
+
+def block_rows_for(d: int, rows: int) -> int:
+    """Rows per block: a multiple of 16 (bf16 sublane tiling) with a ~1 MiB int32 block, at most 256."""
+    br = max(16, min(256, (VMEM_BLOCK_BYTES // (4 * d)) // 16 * 16))
+    return min(br, -(-rows // 16) * 16)
+
+
+def value_passes(dtype) -> int:
+    """Binary-search passes for the threshold: over 2^15 bf16 patterns or 2^31 float32 ones (+inf + 1)."""
+    return 15 if jnp.dtype(dtype) == jnp.bfloat16 else 31
+
+
+def index_passes(d: int) -> int:
+    """Binary-search passes for the tie cut over the indices 0..d."""
+    return max(1, math.ceil(math.log2(d + 1)))
+
+
+def topk_cost(rows: int, d: int, dtype) -> pl.CostEstimate:
+    """What ``topk_rows`` declares: one read and one write of ``x``; 3 vector ops per entry per pass."""
+    passes = value_passes(dtype) + index_passes(d) + 2  # + the row max and the count of entries above t
+    nbytes = rows * d * jnp.dtype(dtype).itemsize
+    return pl.CostEstimate(flops=3 * passes * rows * d, transcendentals=0, bytes_accessed=2 * nbytes)
+
+
+def _bisect(ok, lo, hi, passes: int):
+    """Largest t in [lo, hi) with ``ok(t)`` per row (``ok(lo)`` true, monotone), in ``passes`` halvings."""
+
+    def body(_, carry):
+        lo, hi = carry
+        mid = lo + lax.shift_right_logical(hi - lo, 1)
+        good = ok(mid)
+        return jnp.where(good, mid, lo), jnp.where(good, hi, mid)
+
+    return lax.fori_loop(0, passes, body, (lo, hi))[0]
+
+
+def _kernel(x_ref, o_ref, *, k: int, sixteen: bool, vpasses: int, ipasses: int):
+    x = x_ref[...]
+    d = x.shape[-1]
+    bits = lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.int32)
+    inf = 0x7F800000
+    if sixteen:  # a bf16 value widened to float32 has 16 zero low bits: its own pattern, exactly
+        bits, inf = lax.shift_right_logical(bits, 16), 0x7F80
+    count = lambda m: jnp.sum(jnp.where(m, 1.0, 0.0), axis=-1, keepdims=True)  # exact below 2^24
+    hi = jnp.minimum(jnp.max(bits, axis=-1, keepdims=True), inf) + 1  # NaN patterns lie above +inf
+    t = _bisect(lambda c: count(bits >= c) >= k, hi * 0, hi, vpasses)
+    above, ties = bits > t, bits == t
+    need = k - count(above)  # ≥ 1: t is the k-th largest
+    idx = lax.broadcasted_iota(jnp.int32, bits.shape, 1)
+    cut = _bisect(lambda p: count(ties & (idx < p)) < need, hi * 0, hi * 0 + d + 1, ipasses)
+    keep = above | (ties & (idx <= cut))
+    o_ref[...] = jnp.where(keep, x, jnp.zeros((), x.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("k", "block_rows", "interpret"))
+def topk_rows(x: jax.Array, k: int, block_rows: int | None = None, interpret: bool = False) -> jax.Array:
+    """``x ⊙ Top_k(|x|)`` along the last axis of ``x`` (any leading shape), exactly ``k`` per row."""
+    d = x.shape[-1]
+    if not 1 <= k <= d:
+        raise ValueError(f"k must be in [1, {d}], got {k}")
+    x2 = x.reshape(-1, d)
+    rows = x2.shape[0]
+    br = block_rows or block_rows_for(d, rows)
+    kernel = functools.partial(_kernel, k=k, sixteen=x.dtype == jnp.bfloat16, vpasses=value_passes(x.dtype),
+                               ipasses=index_passes(d))
+    y = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(x2.shape, x.dtype),
+        grid=(pl.cdiv(rows, br),),
+        in_specs=[pl.BlockSpec((br, d), lambda i: (i, 0))],
+        out_specs=pl.BlockSpec((br, d), lambda i: (i, 0)),
+        compiler_params=None if interpret else pltpu.CompilerParams(dimension_semantics=("parallel",)),
+        cost_estimate=topk_cost(rows, d, x.dtype),
+        interpret=interpret,
+        name="qsparse_topk_rows",
+    )(x2)
+    return y.reshape(x.shape)

@@ -1,0 +1,99 @@
+"""The fused top-K selection kernel (``kernels/pallas_topk``) and the layer path that uses it (``nn/selection``).
+
+Values in interpret mode against ``ops.topk`` (itself checked against numpy in tests/ops/test_topk.py);
+on TPU (compile-only, libtpu) the Mosaic kernel compiles at the 7B shapes, declares one read and one
+write of the activations, and a Q-Sparse layer traced under a TPU mesh calls it (``select=auto``), an
+XLA one (``select=xla``) does not.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.sharding import Mesh
+
+from qsparse_jax.kernels import pallas_topk as kt
+from qsparse_jax.nn import selection
+from qsparse_jax.nn.sharding import activation_sharding
+from qsparse_jax.ops.topk import topk_mask
+
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+MUST_HAVE = bool(os.environ.get("CI")) and sys.platform == "linux" and platform.machine() == "x86_64"
+needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU and not MUST_HAVE, reason="libtpu is not installed (Linux x86-64 only)")
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**16), rows=st.integers(1, 40), d=st.sampled_from([128, 256, 384]),
+       frac=st.floats(0.02, 1.0), dtype=st.sampled_from(["bfloat16", "float32"]), levels=st.sampled_from([0, 3]))
+def test_kernel_keeps_exactly_the_top_k_of_every_row(seed, rows, d, frac, dtype, levels):
+    """Interpret mode: the kernel's output is ``x ⊙ topk_mask(x)`` exactly, rows not a multiple of the
+    block included; ``levels=3`` rounds the input to a few values, so most rows need the tie cut."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, d))
+    if levels:
+        x = np.round(x * levels) / levels
+    x = jnp.asarray(x, dtype)
+    k = max(1, int(frac * d))
+    y = kt.topk_rows(x, k, block_rows=16, interpret=True)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(jnp.where(topk_mask(x, k), x, 0), np.float32))
+    assert y.dtype == x.dtype
+
+
+def test_fused_path_gradient_is_the_identity(monkeypatch):
+    """Eq. 13 through the fused path: the cotangent passes unmasked (kernel run in interpret mode)."""
+    monkeypatch.setattr(selection, "topk_rows", lambda x, k: kt.topk_rows(x, k, interpret=True))
+    x = jax.random.normal(jax.random.key(0), (8, 128))
+    g = jax.random.normal(jax.random.key(1), (8, 128))
+    y, vjp = jax.vjp(lambda x: selection._fused_ste(x, 40), x)
+    assert int((y != 0).sum(-1).max()) == 40
+    np.testing.assert_array_equal(vjp(g)[0], g)
+
+
+def test_declared_cost_is_one_read_and_one_write_plus_the_passes():
+    c = kt.topk_cost(8192, 4096, jnp.bfloat16)
+    assert c.bytes_accessed == 2 * 8192 * 4096 * 2
+    assert c.flops == 3 * (15 + 13 + 2) * 8192 * 4096  # 15 value passes (bf16), 13 index passes (0..4096)
+
+
+@pytest.fixture(scope="module")
+def v5p():
+    if not HAS_LIBTPU:
+        pytest.fail("libtpu is missing in CI on Linux x86-64: the dev extra installs it (jax[tpu])")
+    from qsparse_jax.train.topology import tpu_devices
+
+    return tpu_devices("v5p-8")[0]
+
+
+@needs_libtpu
+@pytest.mark.parametrize("d", [4096, 11008])
+def test_mosaic_kernel_compiles_for_v5p_at_7b_shapes_with_its_declared_bytes(v5p, d):
+    """8192 rows (4 sequences of 2048 per chip, configs/7b-qsparse.yaml) of bf16: the compiled program
+    is the Mosaic call, and the compiler's bytes are the kernel's declared one read + one write."""
+    sh = jax.sharding.SingleDeviceSharding(v5p[0])
+    c = jax.jit(lambda x: kt.topk_rows(x, int(0.7 * d))).lower(
+        jax.ShapeDtypeStruct((8192, d), jnp.bfloat16, sharding=sh)).compile()
+    assert "tpu_custom_call" in c.as_text()
+    cost = c.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    assert cost["bytes accessed"] == 2 * 8192 * d * 2
+
+
+@needs_libtpu
+@pytest.mark.parametrize("select, calls", [("auto", 1), ("xla", 0)])
+def test_a_layer_traced_for_a_tpu_mesh_uses_the_kernel_only_with_select_auto(v5p, select, calls):
+    """Under an activation mesh of TPU devices (a slice compiled from this CPU host), ``select=auto``
+    lowers to the kernel under shard_map; ``xla`` keeps the XLA search."""
+    mesh = Mesh(np.array(v5p[:4]).reshape(4, 1, 1), ("data", "fsdp", "tensor"))
+    f = jax.jit(lambda x: selection.select_topk(x, 300, select=select))
+    with activation_sharding(mesh):
+        text = f.trace(jax.ShapeDtypeStruct((8, 128, 1024), jnp.bfloat16)).lower(lowering_platforms=("tpu",)).as_text()
+    assert text.count("qsparse_topk_rows") >= calls and (calls or "qsparse_topk_rows" not in text)
