@@ -7,7 +7,11 @@ compiler's step time; nothing is allocated or trained. Exit status 1 when it doe
 
 ``qsparse compile --decode --config C [--batch B --prompt_len P --max_new_tokens N] [--sparsity S]
 [--kernels on --bits 2|1.6]`` compiles prefill + KV-cache decoding instead (randomly shaped weights,
-none read) and reports memory and the compiler's tokens/s.
+none read) and reports memory, what was compiled (the kernel path is the target's: Pallas TPU kernels
+for a TPU slice), and the compiler's per-token step time and bytes beside the byte roofline (bytes the
+step must read ÷ the chip's HBM bandwidth). An option that cannot apply to what is compiled (``--bits``
+with kernels off, ``--kernels`` or sparsity on an LTE model, ``--kernels pallas`` for CPU devices) is an
+error, never dropped.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ def add_decode_options(p: Parser, *, flag: str = "--decode") -> None:
     p.add_argument("--max_new_tokens", type=int, default=64, help="tokens generated after the prompt (default 64)")
     p.add_argument("--kernels", default=None, choices=KERNELS,
                    help="1.58-bit models: the packed int8 x ternary kernels (default: the config's model.kernels)")
-    p.add_argument("--bits", type=float, default=2, choices=[2, 1.6], help="packed weight format with --kernels on")
+    p.add_argument("--bits", type=float, default=None, choices=[2, 1.6],
+                   help="packed weight format with kernels on (default 2)")
 
 
 def run_decode(args, config_name: str) -> int:

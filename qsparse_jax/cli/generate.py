@@ -34,6 +34,8 @@ from .common import (
 from .compile import run_decode
 from .train import add_compile_options, check_compile_options
 
+RUN_ONLY = ("prompt", "temperature", "repeats", "tokenizer")  # options of a run that --compile_only has no use for
+
 
 def _load(args):
     """(model, tokenizer) from --hf / --ckpt (the shared source resolver) or a fresh --config model."""
@@ -59,30 +61,39 @@ def main(argv=None) -> int:
     p.add_argument("--kernels", default=None, choices=KERNELS,
                    help="1.58-bit models: decode through the packed int8 x ternary kernels (weights packed once; "
                         "default off, with --compile_only the config's model.kernels)")
-    p.add_argument("--bits", type=float, default=2, choices=[2, 1.6], help="packed weight format with --kernels on")
+    p.add_argument("--bits", type=float, default=None, choices=[2, 1.6],
+                   help="packed weight format with --kernels on (default 2)")
     p.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json (default: the model's)")
     p.add_argument("--compile_only", action="store_true",
                    help="with --config: compile prefill + KV-cache decoding for --topology (or the local devices) "
                         "and report memory and the compiler's tokens/s; nothing runs (as qsparse compile --decode)")
-    p.add_argument("--prompt_len", type=int, default=128, help="with --compile_only: prompt length in tokens")
+    p.add_argument("--prompt_len", type=int, default=None,
+                   help="with --compile_only: prompt length in tokens (default 128)")
     add_compile_options(p, flag="--compile_only")
     args = p.parse_intermixed_args(argv)  # key=value overrides may come between the flags
     if args.compile_only:
         if not args.config:
             raise ConfigError("--compile_only needs --config (the model to compile; no weights are read)")
+        run_only = [f"--{k}" for k in RUN_ONLY if getattr(args, k) != p.get_default(k)]
+        if run_only:
+            raise ConfigError(f"{', '.join(run_only)} go with a run, not --compile_only (nothing is generated)")
         check_compile_options(args)
+        args.prompt_len = 128 if args.prompt_len is None else args.prompt_len
         return run_decode(args, args.config)
-    if args.topology or args.cpu_devices is not None or args.report_json:
-        raise ConfigError("--topology, --cpu_devices and --report_json go with --compile_only")
+    if args.topology or args.cpu_devices is not None or args.report_json or args.prompt_len is not None:
+        raise ConfigError("--topology, --cpu_devices, --report_json and --prompt_len go with --compile_only "
+                          "(a run's prompt is --prompt)")
     if args.overrides and not args.config:
         raise ConfigError("key=value overrides need --config")
     if args.batch < 1:
         raise ConfigError(f"--batch must be positive, got {args.batch}")
     args.kernels = args.kernels or "off"
+    if args.bits is not None and args.kernels == "off":
+        raise ConfigError(f"--bits {args.bits:g} sets the packed weight format of the kernels; add --kernels on")
     model, tok = _load(args)
     ids = tok.encode(args.prompt).astype(np.int32)
     prompt = np.tile(ids[None], (args.batch, 1))
-    runs = decode_runs(model, prompt, args.max_new_tokens, kernels=args.kernels, bits=args.bits,
+    runs = decode_runs(model, prompt, args.max_new_tokens, kernels=args.kernels, bits=args.bits or 2,
                        temperature=args.temperature, repeats=args.repeats, **sparsity_options(args))
     first = next(iter(runs.values()))
     print(f"{args.prompt}{tok.decode(first.tokens[0])}")

@@ -95,14 +95,24 @@ def decode_runs(model, prompt: np.ndarray, max_new_tokens: int, *, kernels: str 
 
 
 def compile_decode(cfg: Config, *, topology: str | None = None, batch: int = 1, prompt_len: int = 128,
-                   max_new_tokens: int = 64, kernels: str | None = None, bits: float = 2,
+                   max_new_tokens: int = 64, kernels: str | None = None, bits: float | None = None,
                    sparsity: float | None = None, block_size: int | None = None, **groups: float | None) -> dict:
     """Compile ``cfg``'s prefill and KV-cache decode ahead of time (no weights read) for ``topology`` (or
     the local devices), under the same sparsity options as :func:`decode_runs`, and with ``kernels``
-    (default: the config's): ``train.aot.decode_report``'s dict (memory per device, the compiler's tokens/s)."""
+    (default: the config's) and ``bits`` (the packed format with kernels, default 2): ``train.aot.decode_report``'s
+    dict (memory per device, what was compiled, the compiler's step time beside the byte roofline).
+    An option that cannot apply to the compiled program is a ``ConfigError``, never dropped."""
     if batch < 1 or prompt_len < 1 or max_new_tokens < 2:
         raise ConfigError(f"--batch and --prompt_len must be positive and --max_new_tokens at least 2, got "
                           f"{batch}, {prompt_len} and {max_new_tokens}")
+    kernels = cfg.model.kernels if kernels is None else kernels
+    given = sparsity is not None or block_size is not None or any(v is not None for v in groups.values())
+    if cfg.model.lte.enabled and (kernels != "off" or given):
+        raise ConfigError("an LTE model decodes with its own sparsity and kernels off (no --kernels, --sparsity)")
+    if bits is not None and kernels == "off":
+        raise ConfigError(f"--bits {bits:g} sets the packed weight format of the kernels, and this model decodes "
+                          f"with kernels off (add --kernels on)")
     sparse = sparsity_config(sparsity, default=cfg.model.sparsity, block_size=block_size, **groups)
-    model = cfg.model.replace(sparsity=sparse, kernels=cfg.model.kernels if kernels is None else kernels)
-    return decode_report(dataclasses.replace(cfg, model=model), topology, batch, prompt_len, max_new_tokens, bits=bits)
+    model = cfg.model.replace(sparsity=sparse, kernels=kernels)
+    return decode_report(dataclasses.replace(cfg, model=model), topology, batch, prompt_len, max_new_tokens,
+                         bits=2 if bits is None else bits)

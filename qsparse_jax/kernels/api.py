@@ -8,7 +8,9 @@
 - otherwise: int8 × ternary matmul over all rows (Block Q-Sparse N:M inputs included).
 
 ``impl``: ``"auto"`` (Pallas on GPU/TPU, XLA on CPU), ``"xla"``, ``"pallas"``, ``"interpret"``
-(the Pallas kernels run by the Pallas interpreter: slow, any backend, for tests).
+(the Pallas kernels run by the Pallas interpreter: slow, any backend, for tests). ``auto`` and
+``pallas`` go by the platform the program is compiled for, not the host's default backend, so a TPU
+slice compiled from a CPU host gets the Mosaic kernels (``_accumulate``).
 
 Backward (training): straight-through through top-K and both quantizers, so ``dx = g @ W_deqᵀ``
 (Eq. 13 and the quantizers' STE); the packed weight receives zero cotangents. Training updates the
@@ -22,6 +24,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jex_core
+from jax.interpreters import mlir
 
 from . import pallas as _pallas
 from . import reference as _ref
@@ -58,41 +62,74 @@ def _validate(x, w, k, block_size, impl):
                          f"{'block' if block_size else 'token'}), got {k!r}")
 
 
-def _resolve(impl: str) -> str:
+def _check_eager(x, impl: str) -> None:
+    """``impl='pallas'`` run eagerly (not traced) needs a GPU/TPU default backend; traced, the platform
+    the program is lowered for decides (``_accumulate``), and a CPU one fails there (``_no_kernel_p``)."""
     backend = jax.default_backend()
-    if impl == "auto":
-        return "pallas" if backend in ("gpu", "tpu") else "xla"
-    if impl == "pallas" and backend not in ("gpu", "tpu"):
+    if impl == "pallas" and not isinstance(x, jax.core.Tracer) and backend not in ("gpu", "tpu"):
         raise ValueError(f"impl='pallas' needs a gpu or tpu backend, this one is {backend}; "
                          f"allowed here: 'auto', 'xla', 'interpret'")
-    return impl
+
+
+def _no_kernel_lowering(ctx, x):
+    raise ValueError(f"impl='pallas' needs a gpu or tpu target, this program is compiled for "
+                     f"{', '.join(ctx.module_context.platforms)}; allowed there: 'auto', 'xla', 'interpret'")
+
+
+# the CPU branch of impl='pallas': traced like every platform_dependent branch, an error only if lowered
+_no_kernel_p = jex_core.Primitive("qsparse_no_pallas_kernel")
+_no_kernel_p.def_abstract_eval(lambda x: x)
+mlir.register_lowering(_no_kernel_p, _no_kernel_lowering)
+
+
+def _xla_accumulate(q, w: PackedTernary, decode: bool, kept: int, rows: int):
+    m, d = q.shape
+    # gathering rows pays on CPU only while the tokens' kept sets together leave many rows out:
+    # the expected union is 1 − (1 − k/D)^M of the rows (measured: batch 1 yes, batch 8 no)
+    decode = decode and 1.0 - (1.0 - kept / d) ** m < GATHER_MAX_UNION
+    # fastest measured CPU formulations (benchmarks/RESULTS.md, "kernels" section)
+    if d >= _ref.F32_EXACT_MAX_D:  # float32 sums would no longer be exact
+        return _ref.accumulate_reference(q, w)
+    if decode:
+        return _ref.accumulate_chunked(q, w, *_ref.kept_rows(q, rows))
+    # XLA's int8 dot is ~6x slower than float32 for one row (a GEMV), faster from a few rows (a GEMM)
+    return _ref.accumulate_chunked(q, w) if m == 1 else _ref.accumulate_reference(q, w)
+
+
+def _pallas_accumulate(q, w: PackedTernary, decode: bool, rows: int, target: str | None, interpret: bool = False):
+    """The Pallas kernels for ``target`` (``"tpu"``: Mosaic, ``"gpu"``: Triton; ``None`` with ``interpret``:
+    the default backend's forms, run by the interpreter)."""
+    # TPU decode reads only the kept rows by DMA, which needs whole 32-bit word rows (packing.tpu_layout)
+    if decode and (interpret or target == "gpu" or (target == "tpu" and w.data.dtype == jnp.uint32)):
+        idx, count = _ref.kept_rows(q, rows)
+        qg = _ref.gather_columns(q, idx, count)
+        acc = _pallas.gather_matmul(count[None], idx, qg, w.data, bits=w.bits, interpret=interpret, target=target)
+    else:  # the batched kernel (also TPU decode of bytes: Mosaic has no vector gather from a ref)
+        acc = _pallas.matmul(q, w.data, bits=w.bits, interpret=interpret, target=target)
+    return _pallas.planes_to_columns(acc, w.out_features)
 
 
 def _accumulate(q, w: PackedTernary, k, block_size, impl):
-    """Exact int32 accumulator ``[M, out]`` of int8 ``q [M, D]`` by the chosen implementation."""
+    """Exact int32 accumulator ``[M, out]`` of int8 ``q [M, D]`` by the chosen implementation.
+
+    ``auto`` / ``pallas`` choose by the platform the program is lowered for (``lax.platform_dependent``:
+    every branch is traced, only the target's is lowered), so a program compiled on a CPU host for a
+    TPU slice gets the Mosaic kernels; ``jax.default_backend()`` would be the host's CPU there."""
     m, d = q.shape
     kept = d if k is None else (k * (d // block_size) if block_size else k)
     decode = kept < d and m <= DECODE_MAX_TOKENS
     rows = min(d, m * kept)
     if impl == "xla":
-        # gathering rows pays on CPU only while the tokens' kept sets together leave many rows out:
-        # the expected union is 1 − (1 − k/D)^M of the rows (measured: batch 1 yes, batch 8 no)
-        decode = decode and 1.0 - (1.0 - kept / d) ** m < GATHER_MAX_UNION
-        # fastest measured CPU formulations (benchmarks/RESULTS.md, "kernels" section)
-        if d >= _ref.F32_EXACT_MAX_D:  # float32 sums would no longer be exact
-            return _ref.accumulate_reference(q, w)
-        if decode:
-            return _ref.accumulate_chunked(q, w, *_ref.kept_rows(q, rows))
-        # XLA's int8 dot is ~6x slower than float32 for one row (a GEMV), faster from a few rows (a GEMM)
-        return _ref.accumulate_chunked(q, w) if m == 1 else _ref.accumulate_reference(q, w)
-    interpret = impl == "interpret"
-    if decode and (interpret or jax.default_backend() != "tpu"):
-        idx, count = _ref.kept_rows(q, rows)
-        qg = _ref.gather_columns(q, idx, count)
-        acc = _pallas.gather_matmul(count[None], idx, qg, w.data, bits=w.bits, interpret=interpret)
-    else:  # the batched kernel (also TPU decode: Mosaic has no vector gather from a ref)
-        acc = _pallas.matmul(q, w.data, bits=w.bits, interpret=interpret)
-    return _pallas.planes_to_columns(acc, w.out_features)
+        return _xla_accumulate(q, w, decode, kept, rows)
+    if impl == "interpret":
+        return _pallas_accumulate(q, w, decode, rows, None, interpret=True)
+    on = lambda target: lambda q, w: _pallas_accumulate(q, w, decode, rows, target)
+    gpu = on("gpu")  # one branch for both GPU platforms
+    if impl == "auto":
+        other = lambda q, w: _xla_accumulate(q, w, decode, kept, rows)
+    else:
+        other = lambda q, w: _no_kernel_p.bind(jnp.zeros((m, w.out_features), jnp.int32))
+    return jax.lax.platform_dependent(q, w, tpu=on("tpu"), cuda=gpu, rocm=gpu, default=other)
 
 
 def _forward(x, w, k, block_size, impl):
@@ -139,4 +176,5 @@ def qsparse_matmul(x: jax.Array, w: PackedTernary, *, k: int | None, block_size:
     _validate(x, w, k, block_size, impl)
     k = None if k is None or (block_size is None and k == x.shape[-1]) or k == block_size else int(k)
     block_size = None if k is None or block_size is None else int(block_size)
-    return _qsparse_matmul(x, w, k, block_size, _resolve(impl))
+    _check_eager(x, impl)
+    return _qsparse_matmul(x, w, k, block_size, impl)

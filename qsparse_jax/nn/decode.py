@@ -30,12 +30,12 @@ def make_generate(apply, config, batch: int, prompt_len: int, max_new_tokens: in
         logits, cache = apply(params, prompt, cache=init_cache(config, batch, max_len))
         return _pick(logits[:, -1], key, temperature), cache
 
+    one = decode_step(apply, temperature)
+
     @jax.jit
     def decode(params, first, cache, key):
         def step(carry, k):
-            tok, cache = carry
-            logits, cache = apply(params, tok[:, None], cache=cache)
-            nxt = _pick(logits[:, -1], k, temperature)
+            nxt, cache = one(params, *carry, k)
             return (nxt, cache), nxt
 
         keys = jax.random.split(key, max_new_tokens - 1)
@@ -43,6 +43,17 @@ def make_generate(apply, config, batch: int, prompt_len: int, max_new_tokens: in
         return jnp.concatenate([first[:, None], rest.T], axis=1)
 
     return prefill, decode
+
+
+def decode_step(apply, temperature: float = 0.0):
+    """One decode step, ``step(params, tok [batch], cache, key) -> (next token, cache)`` (not jitted): the
+    body of ``make_generate``'s loop, and what ``train.aot`` compiles alone to cost one token."""
+
+    def step(params, tok, cache, key):
+        logits, cache = apply(params, tok[:, None], cache=cache)
+        return _pick(logits[:, -1], key, temperature), cache
+
+    return step
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None):

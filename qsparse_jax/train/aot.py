@@ -11,6 +11,10 @@ temporaries, outputs per device) against the chip's HBM and ``cost_analysis()`` 
 compiler's step-time estimate). XLA's cost analysis counts a ``lax.scan`` body once, so with
 ``scan_layers`` the step's FLOPs and time are extrapolated from one- and two-layer unrolled compiles:
 ``c(L) = c(1) + (L − 1)·(c(2) − c(1))``.
+
+``decode_report`` does the same for ``generate``'s prefill and KV-cache decode loop (``qsparse compile
+--decode``): what was compiled (the target platform's kernel path), the per-token step beside its byte
+roofline, and the share of the estimate that is Pallas kernels' declared costs (``kernel_calls``).
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import Config
-from ..nn.decode import make_generate
+from ..config import PROJECTION_GROUPS, Config
+from ..errors import ConfigError
+from ..nn.decode import decode_step, init_cache, make_generate
 from ..nn.layers import pack_for_inference
 from ..nn.model import Transformer
 from ..nn.sharding import (
     activation_sharding,
+    logical_to_spec,
     make_mesh,
     state_shardings,
     unsplit_dimensions,
@@ -169,7 +175,8 @@ def format_report(r: dict, config_name: str = "") -> str:
     if r["step_seconds_estimate"]:
         lines.append(f"  compiler's step time estimate {r['step_seconds_estimate']:.3f} s"
                      + (f" -> MFU bound {100 * r['mfu_bound']:.1f} %" if r["mfu_bound"] is not None else ""))
-    lines.append(f"  compile time {r['compile_seconds']:.1f} s")
+    lines.append(f"  compile time {r['compile_seconds']:.1f} s (prefill and decode loop), {r['step_compile_seconds']:.1f} s "
+                 f"(one step)")
     return "\n".join(lines)
 
 
@@ -196,72 +203,269 @@ def compile_train(cfg: Config, topology: str | None, config_name: str, json_out:
     return 0
 
 
-def decode_report(cfg: Config, topology: str | None = None, batch: int = 1, prompt_len: int = 128,
-                  new_tokens: int = 128, margin: float = 0.10, devices=None, bits: float = 2) -> dict:
-    """Compile ``generate``'s prefill and KV-cache decode loop for ``topology`` with the parameters
-    sharded by the rules table; report memory per device and the compiler's per-token time. With
-    ``model.kernels`` on, the ternary weights are packed (``bits``: 2 or 1.6) as decoding reads them."""
+# HBM bandwidth per device in bytes/s (Cloud TPU system-architecture pages, NVIDIA data sheets: SXM parts)
+HBM_BANDWIDTH = {"TPU v4": 1200e9, "TPU v5e": 819e9, "TPU v5p": 2765e9, "TPU v6e": 1638e9,
+                 "NVIDIA H200": 4.8e12, "NVIDIA H100": 3.35e12, "NVIDIA A100": 2.039e12}
+# custom calls that are Pallas kernels -> what they are
+KERNEL_TARGETS = {"tpu_custom_call": "Pallas TPU kernels (Mosaic)",
+                  "__gpu$xla.gpu.triton": "Pallas GPU kernels (Triton)"}
+_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_DECLARED = re.compile(r'"cost_estimate":\s*\{([^}]*)\}')
+_FIELD = lambda name: re.compile(rf'"{name}":\s*"?(\d+)')
+_FLOPS, _BYTES = _FIELD("flops"), _FIELD("bytes_accessed")
+_NAME = re.compile(r"\s*(?:ROOT\s+)?%([A-Za-z_][\w-]*?)(?:\.\d+)?\s*=")
+PROJECTION_KERNELS = ("ternary_matmul", "tpu_decode")  # name parts of the kernels that run a projection
+PROJECTIONS = {"wq": "qkv", "wk": "qkv", "wv": "qkv", "wo": "out", "w_gate": "gate_up", "w_up": "gate_up",
+               "w_down": "down"}
+
+
+def kernel_calls(hlo: str) -> dict:
+    """The Pallas kernel calls in a compiled program's text (``compiled.as_text()``): ``calls``, ``declared``
+    (those carrying a ``pl.CostEstimate``, which XLA's cost analysis then counts; the others are opaque to
+    it: no bytes, no FLOPs, no time), the declared ``flops`` and ``bytes`` summed, their ``kind``, and
+    ``names``: calls per kernel (the instruction's name, the ``pallas_call``'s ``name``)."""
+    r = {"calls": 0, "declared": 0, "flops": 0.0, "bytes": 0.0, "kind": None, "names": {}}
+    for line in hlo.splitlines():
+        t = _TARGET.search(line)
+        if t is None or t.group(1) not in KERNEL_TARGETS:
+            continue
+        r["calls"] += 1
+        r["kind"] = KERNEL_TARGETS[t.group(1)]
+        name = m.group(1) if (m := _NAME.match(line)) else "kernel"
+        r["names"][name] = r["names"].get(name, 0) + 1
+        if (d := _DECLARED.search(line)) is not None:
+            r["declared"] += 1
+            r["flops"] += float(m.group(1)) if (m := _FLOPS.search(d.group(1))) else 0.0
+            r["bytes"] += float(m.group(1)) if (m := _BYTES.search(d.group(1))) else 0.0
+    return r
+
+
+def _step_cost(compiled) -> tuple[dict, str | None]:
+    """``_cost`` and the kernel calls' figures (``kernel_*``; ``calls:NAME`` per kernel), and their kind."""
+    k = kernel_calls(compiled.as_text())
+    c = {**_cost(compiled), **{f"kernel_{n}": float(k[n]) for n in ("calls", "declared", "flops", "bytes")}}
+    return {**c, **{f"calls:{n}": float(v) for n, v in k["names"].items()}}, k["kind"]
+
+
+def decode_params(model_cfg, mesh, bits: float):
+    """(graphdef, abstract parameters sharded by the rules table); packed (``bits``) with kernels on."""
+    from flax import nnx
+
+    build = lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))
+    if model_cfg.kernels != "off":
+        build = lambda: pack_for_inference(Transformer(model_cfg, rngs=nnx.Rngs(0)), bits)
+    graphdef, params = nnx.split(nnx.eval_shape(build))
+    shardings = state_shardings(params, mesh)
+    # the shardings are a prefix of the parameters: a packed ternary weight (data, scale) has one sharding
+    params = jax.tree.map(lambda sh, a: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), a),
+                          shardings, params)
+    return graphdef, params
+
+
+def decode_programs(model_cfg, mesh, batch: int, prompt_len: int, new_tokens: int, bits: float = 2,
+                    prefill: bool = True):
+    """``generate``'s programs compiled for ``mesh``'s devices: (compiled prefill or None, compiled decode loop,
+    abstract parameters, abstract KV cache)."""
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
+
+    graphdef, params = decode_params(model_cfg, mesh, bits)
+    apply = lambda p, tokens, **kw: nnx.merge(graphdef, p)(tokens, **kw)
+    prefill_fn, decode_fn = make_generate(apply, model_cfg, batch, prompt_len, new_tokens)
+    rep = NamedSharding(mesh, PartitionSpec())
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
+    prompt = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=rep)
+    with activation_sharding(mesh):  # also puts Pallas calls in shard_map (nn.layers), as XLA cannot partition them
+        pre = prefill_fn.lower(params, prompt, key).compile() if prefill else None
+        first, cache = jax.eval_shape(prefill_fn, params, prompt, key)
+        first = jax.ShapeDtypeStruct(first.shape, first.dtype, sharding=rep)
+        dec = decode_fn.lower(params, first, cache, key).compile()
+    return pre, dec, params, cache
+
+
+def _decode_step_cost(model_cfg, mesh, batch: int, max_len: int, bits: float) -> tuple[dict, str | None, float]:
+    """One decode step compiled alone, every layer unrolled: XLA's cost analysis counts a loop's body once
+    (the decode loop's, and the layer scan's with ``scan_layers``), and extrapolating from one, two and
+    four unrolled layers does not work here (7B on v5e-8, bytes per step: 0.82, 1.76, 3.09 GB; 7.92 at
+    eight layers: XLA partitions deeper programs differently). The KV cache is sharded as attention
+    constrains it. Returns (cost, kernel kind, seconds to compile)."""
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    m = model_cfg.replace(scan_layers=False)
+    graphdef, params = decode_params(m, mesh, bits)
+    step = decode_step(lambda p, tokens, **kw: nnx.merge(graphdef, p)(tokens, **kw))
+    rep = NamedSharding(mesh, PartitionSpec())
+    kv = lambda a: NamedSharding(mesh, logical_to_spec(("batch", "length", "act_kv", None), a.shape, mesh))
+    cache = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=kv(a) if a.ndim == 4 else rep),
+                         jax.eval_shape(lambda: init_cache(m, batch, max_len)))
+    tok = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rep)
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
+    t0 = time.perf_counter()
+    with activation_sharding(mesh):
+        compiled = jax.jit(step).lower(params, tok, cache, key).compile()
+    return (*_step_cost(compiled), time.perf_counter() - t0)
+
+
+def _names(path) -> list[str]:
+    """The module / variable names along a parameter's path (list indices and ``.value`` left out)."""
+    names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path if not hasattr(k, "idx")]
+    return [n for n in names if n != "value"]
+
+
+def _kept_share(model_cfg, group: str, in_features: int, batch: int) -> float:
+    """Expected share of a projection's input rows that some token of the batch keeps, 1 − (1 − k/D)^B
+    (tokens taken as independent); 1 for a dense projection."""
+    keep = model_cfg.keep(group)
+    if keep is None:
+        return 1.0
+    return 1.0 - (1.0 - keep / (model_cfg.sparsity.block_size or in_features)) ** batch
+
+
+def must_read_bytes(model_cfg, params, cache, batch: int, prompt_len: int, new_tokens: int) -> dict:
+    """Bytes one device must read from HBM for one decode step, as the program stores them: every weight
+    the step multiplies (its per-device shard; a projection read through packed kernels counts its packed
+    weight, not the float one), the batch's embedding rows, and the KV cache at its mean length over the
+    decode. ``kept``: the same with each top-K projection's weight scaled by the expected share of rows
+    any token keeps (``_kept_share``), the floor of a decode that reads only the kept rows."""
+    leaves = [(_names(p), a) for p, a in jax.tree_util.tree_leaves_with_path(params)]
+    packed = {tuple(n[:n.index("packed")]) for n, _ in leaves if "packed" in n}
+    total = kept = 0.0
+    for n, a in leaves:
+        b = float(bytes_per_device(a))
+        owner = [x for x in n if x not in ("data", "scale")]
+        if owner[-1] in ("weight", "mask") and tuple(owner[:-1]) in packed:
+            continue  # read through the packed copy
+        if owner == ["embed"] and not model_cfg.tie_embeddings:
+            b *= batch / a.shape[0]  # one row per token
+        share = 1.0
+        proj = owner[-2] if owner[-1] in ("weight", "packed") and len(owner) > 1 else None
+        if proj in PROJECTIONS and a.ndim >= 2:  # the weight [.., in, out] (not a packed weight's scale)
+            share = _kept_share(model_cfg, PROJECTIONS[proj], a.shape[-2], batch)
+        total, kept = total + b, kept + b * share
+    fill = (prompt_len + new_tokens / 2) / (prompt_len + new_tokens)
+    kv = fill * sum(float(bytes_per_device(c)) for c in jax.tree.leaves(cache) if c.ndim >= 4)
+    return {"all": total + kv, "kept": kept + kv, "kv_cache": kv}
+
+
+def _describe(model_cfg, kind: str | None, projection_calls: float, projections: int, platform: str,
+              bits: float) -> str:
+    if model_cfg.kernels == "off":
+        return "XLA float matmuls (kernels off)"
+    packed = f"{bits:g}-bit packed ternary weights"
+    if projection_calls:
+        return f"{kind} in {projection_calls:.0f} of {projections} projections per decode step, {packed}"
+    if model_cfg.kernels == "interpret":
+        return f"Pallas kernels in interpret mode (plain XLA ops), {packed}"
+    return f"XLA int8 x ternary reference path (kernels {model_cfg.kernels}, compiled for {platform}), {packed}"
+
+
+def decode_report(cfg: Config, topology: str | None = None, batch: int = 1, prompt_len: int = 128,
+                  new_tokens: int = 128, margin: float = 0.10, devices=None, bits: float = 2) -> dict:
+    """Compile ``generate``'s prefill and KV-cache decode loop for ``topology`` (or ``devices``) with the
+    parameters sharded by the rules table; report memory per device, what was compiled (the kernel path
+    is chosen for the target's platform), the compiler's per-token step time and bytes beside the byte
+    roofline (``must_read_bytes`` ÷ the chip's HBM bandwidth), and how much of the estimate is the
+    kernels' declared costs. With ``model.kernels`` on, the ternary weights are packed (``bits``: 2 or 1.6)."""
+    from flax import nnx
 
     if topology:
         devices, chip = tpu_devices(topology)
     else:
         devices = list(devices if devices is not None else jax.devices())
         chip = chip_of(devices[0])
+    platform = devices[0].platform
+    if cfg.model.kernels == "pallas" and platform not in ("tpu", "gpu"):
+        raise ConfigError(f"kernels 'pallas' needs a TPU or GPU target, this compiles for {len(devices)} {platform} "
+                          f"device(s); compile for a TPU slice (--topology) or use kernels on or xla")
     mesh = make_mesh(cfg.mesh, devices)
-    build = lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))
-    note_once(unsplit_dimensions(nnx.split(nnx.eval_shape(build))[1], mesh))
-    if cfg.model.kernels != "off":
-        build = lambda: pack_for_inference(Transformer(cfg.model, rngs=nnx.Rngs(0)), bits)
-    graphdef, params = nnx.split(nnx.eval_shape(build))
-    shardings = state_shardings(params, mesh)
-    # the shardings are a prefix of the parameters: a packed ternary weight (data, scale) has one sharding
-    params = jax.tree.map(lambda sh, a: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), a),
-                          shardings, params)
-    apply = lambda p, tokens, **kw: nnx.merge(graphdef, p)(tokens, **kw)
-    prefill, decode = make_generate(apply, cfg.model, batch, prompt_len, new_tokens)
-    rep = NamedSharding(mesh, PartitionSpec())
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
-    prompt = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=rep)
+    note_once(unsplit_dimensions(nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))[1], mesh))
     t0 = time.perf_counter()
-    with activation_sharding(mesh):
-        pre = prefill.lower(params, prompt, key).compile()
-        first, cache = jax.eval_shape(prefill, params, prompt, key)
-        first = jax.ShapeDtypeStruct(first.shape, first.dtype, sharding=rep)
-        dec = decode.lower(params, first, cache, key).compile()
+    pre, dec, params, cache = decode_programs(cfg.model, mesh, batch, prompt_len, new_tokens, bits)
     seconds = time.perf_counter() - t0
-    out = {"topology": topology or f"{len(devices)} local {devices[0].platform} device(s)", "devices": len(devices),
+    step, kind, step_seconds = _decode_step_cost(cfg.model, mesh, batch, prompt_len + new_tokens, bits)
+    calls = {k.split(":", 1)[1]: v for k, v in step.items() if k.startswith("calls:")}
+    projections = sum(a.shape[0] if a.ndim == 3 else 1 for p, a in jax.tree_util.tree_leaves_with_path(params)
+                      if _names(p)[-1] == "weight" and _names(p)[-2:-1] in ([n] for n in PROJECTIONS))
+    out = {"topology": topology or f"{len(devices)} local {platform} device(s)", "devices": len(devices),
            "chip": chip.name if chip else None, "mesh": {k: int(v) for k, v in mesh.shape.items()},
            "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+           "kernels": cfg.model.kernels, "bits": bits if cfg.model.kernels != "off" else None,
+           "sparsity": {g: getattr(cfg.model.sparsity, g) for g in PROJECTION_GROUPS},
+           "block_size": cfg.model.sparsity.block_size,
+           "compiled": _describe(cfg.model, kind, sum(v for n, v in calls.items() if any(p in n for p in
+                                                                                     PROJECTION_KERNELS)),
+                                 projections, platform, bits),
+           "projections": projections, "kernel_calls": int(step["kernel_calls"]),
+           "kernel_calls_by_name": {n: round(v) for n, v in calls.items() if round(v)},
+           "kernel_calls_declared": int(step["kernel_declared"]),
            "params_bytes_per_device": bytes_per_device(params), "compile_seconds": seconds,
            "hbm_bytes": chip.hbm_bytes if chip else None}
     for name, c in (("prefill", pre), ("decode", dec)):
         m = c.memory_analysis()
         out[f"{name}_peak_bytes"] = int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
                                         + m.temp_size_in_bytes)
-        # the decode loop is a lax.scan: its cost analysis counts one step (module docstring)
-        out[f"{name}_seconds_estimate"] = _cost(c)["seconds"] or None
+    out["prefill_seconds_estimate"] = _cost(pre)["seconds"] or None
     peak = max(out["prefill_peak_bytes"], out["decode_peak_bytes"])
     out["fits"] = None if chip is None else peak <= chip.hbm_bytes * (1 - margin)
     out["peak_bytes"], out["required_margin"] = peak, margin
-    step = out["decode_seconds_estimate"]
-    out["decode_tokens_per_s_estimate"] = batch / step if step else None
+    out["step_compile_seconds"] = step_seconds
+    out["decode_seconds_estimate"] = step["seconds"] if step["seconds"] > 0 else None
+    out["decode_tokens_per_s_estimate"] = batch / step["seconds"] if step["seconds"] > 0 else None
+    out["decode_bytes_accessed"], out["decode_flops"] = step["bytes"], step["flops"]
+    out["kernel_declared_bytes"], out["kernel_declared_flops"] = step["kernel_bytes"], step["kernel_flops"]
+    need = must_read_bytes(cfg.model, params, cache, batch, prompt_len, new_tokens)
+    bw = HBM_BANDWIDTH.get(chip.name) if chip else None
+    out["must_read_bytes"], out["must_read_kept_bytes"] = need["all"], need["kept"]
+    out["hbm_bytes_per_s"] = bw
+    out["roofline_seconds"] = need["all"] / bw if bw else None
+    out["roofline_kept_seconds"] = need["kept"] / bw if bw else None
     return out
 
 
 def format_decode_report(r: dict, config_name: str = "") -> str:
-    g = lambda b: f"{b / GIB:,.2f} GiB"
+    g = lambda b: f"{b / GIB:,.2f} GiB" if b >= GIB / 10 else f"{b / 2**20:,.2f} MiB"
+    ms = lambda s: f"{1e3 * s:.3f} ms"
+    groups = ", ".join(f"{k} {100 * (1 - v):.0f} %" for k, v in r["sparsity"].items() if v)
     lines = [f"compile-only decode {config_name} for {r['topology']}: {r['devices']} x {r['chip'] or 'device'}, "
              f"mesh {' '.join(f'{k}={v}' for k, v in r['mesh'].items())}, batch {r['batch']}, prompt {r['prompt_len']} "
              f"+ {r['new_tokens']} new tokens",
+             f"  compiled: {r['compiled']}; " + (f"top-K keeps {groups} of each projection input"
+                                                  + (f" (blocks of {r['block_size']})" if r["block_size"] else "")
+                                                  if groups else "dense (no top-K)"),
              f"  per device: parameters {g(r['params_bytes_per_device'])}; peak prefill {g(r['prefill_peak_bytes'])}, "
              f"decode loop {g(r['decode_peak_bytes'])} (KV cache included)"]
     if r["hbm_bytes"]:
         lines.append(f"  HBM {g(r['hbm_bytes'])}: {'fits' if r['fits'] else 'DOES NOT FIT'}")
-    if r["decode_tokens_per_s_estimate"]:
-        lines.append(f"  compiler's estimate: {1e3 * r['decode_seconds_estimate']:.2f} ms per decode step -> "
-                     f"{r['decode_tokens_per_s_estimate']:,.0f} tokens/s")
-    lines.append(f"  compile time {r['compile_seconds']:.1f} s")
+    step, bw, nbytes = r["decode_seconds_estimate"], r["hbm_bytes_per_s"], r["decode_bytes_accessed"]
+    line = "  one decode step (compiled alone, every layer unrolled): "
+    line += (f"compiler's estimate {ms(step)} -> {r['decode_tokens_per_s_estimate']:,.0f} tokens/s; " if step else
+             "no compiler's time estimate for this target; ")
+    line += f"{g(nbytes)} accessed per device" + (f" ({ms(nbytes / bw)} at HBM bandwidth)" if bw else "")
+    lines.append(line)
+    if bw:
+        vs = lambda t: (f" (estimate {step / t:.2f}x, bytes {nbytes / bw / t:.2f}x)" if step else
+                        f" (bytes {nbytes / bw / t:.2f}x)")
+        line = (f"  byte roofline at {bw / 1e9:,.0f} GB/s HBM: the step's weights as stored + KV cache "
+                f"{g(r['must_read_bytes'])} -> {ms(r['roofline_seconds'])}{vs(r['roofline_seconds'])}")
+        if r["must_read_kept_bytes"] < r["must_read_bytes"]:
+            line += (f"; kept rows only (top-K, batch {r['batch']}) {g(r['must_read_kept_bytes'])} -> "
+                     f"{ms(r['roofline_kept_seconds'])}{vs(r['roofline_kept_seconds'])}")
+        lines.append(line)
+    calls, declared = r["kernel_calls"], r["kernel_calls_declared"]
+    if calls:
+        lines.append(f"  Pallas kernel calls per decode step: "
+                     + ", ".join(f"{n} {c}" for n, c in sorted(r.get("kernel_calls_by_name", {}).items())))
+        share = lambda part, whole: f"{100 * part / whole:.0f} %" if whole else "n/a"
+        if declared:
+            lines.append(f"  kernels' declared costs (pl.CostEstimate, {declared} of {calls} calls): "
+                         f"{share(r['kernel_declared_bytes'], r['decode_bytes_accessed'])} of the step's bytes, "
+                         f"{share(r['kernel_declared_flops'], r['decode_flops'])} of its FLOPs"
+                         + (f"; their bytes at HBM bandwidth are {share(r['kernel_declared_bytes'] / bw, step)} of "
+                            f"the time estimate" if step and bw else ""))
+        if declared < calls:
+            lines.append(f"  the estimate excludes {calls - declared} opaque kernel calls (no declared cost_estimate: "
+                         f"XLA counts their bytes and time as zero)")
+    lines.append(f"  compile time {r['compile_seconds']:.1f} s (prefill and decode loop), "
+                 f"{r['step_compile_seconds']:.1f} s (one step)")
     return "\n".join(lines)
-
