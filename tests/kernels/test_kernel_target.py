@@ -53,18 +53,9 @@ def _cfg(kernels: str, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def v5e8():
+def v5e8(tpu_slice):
     """The 8 devices of a TPU v5e-8 slice (compile-only)."""
-    if not HAS_LIBTPU:
-        pytest.fail("libtpu is missing in CI on Linux x86-64: the dev extra installs it (jax[tpu])")
-    from qsparse_jax.train.topology import tpu_devices
-
-    saved = dict(os.environ)  # tpu_devices sets libtpu's off-a-TPU-VM variables; keep them out of other tests
-    try:
-        return tpu_devices("v5e-8")[0]
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    return tpu_slice("v5e-8")
 
 
 @pytest.mark.libtpu

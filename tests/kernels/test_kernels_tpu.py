@@ -53,18 +53,9 @@ KEEP = 0.7  # configs/7b-qsparse.yaml, 7b-bitnet-qsparse.yaml
 
 
 @pytest.fixture(scope="module")
-def tpu():
+def tpu(tpu_slice):
     """chip name -> one TPU device of that generation (compile-only; nothing runs)."""
-    if not HAS_LIBTPU:
-        pytest.fail("libtpu is missing in CI on Linux x86-64: the dev extra installs it (jax[tpu])")
-    from qsparse_jax.train.topology import tpu_devices
-
-    saved = dict(os.environ)  # tpu_devices sets libtpu's off-a-TPU-VM variables; keep them out of other tests
-    try:
-        return {chip: tpu_devices(name)[0][0] for chip, name in SLICES.items()}
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    return {chip: tpu_slice(name)[0] for chip, name in SLICES.items()}
 
 
 def _spec(device, shape, dtype):

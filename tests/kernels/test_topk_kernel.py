@@ -65,12 +65,8 @@ def test_declared_cost_is_one_read_and_one_write_plus_the_passes():
 
 
 @pytest.fixture(scope="module")
-def v5p():
-    if not HAS_LIBTPU:
-        pytest.fail("libtpu is missing in CI on Linux x86-64: the dev extra installs it (jax[tpu])")
-    from qsparse_jax.train.topology import tpu_devices
-
-    return tpu_devices("v5p-8")[0]
+def v5p(tpu_slice):
+    return tpu_slice("v5p-8")
 
 
 @needs_libtpu

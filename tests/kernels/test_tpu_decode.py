@@ -39,18 +39,8 @@ libtpu = [pytest.mark.libtpu, pytest.mark.skipif(not HAS_LIBTPU and not MUST_HAV
 
 
 @pytest.fixture(scope="module")
-def tpu():
-    """chip name -> one TPU device of that generation (compile-only), as in test_kernels_tpu.py."""
-    if not HAS_LIBTPU:
-        pytest.fail("libtpu is missing in CI on Linux x86-64: the dev extra installs it (jax[tpu])")
-    from qsparse_jax.train.topology import tpu_devices
-
-    saved = dict(os.environ)
-    try:
-        return {chip: tpu_devices(name)[0][0] for chip, name in SLICES.items()}
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+def tpu(tpu_slice):
+    return {chip: tpu_slice(name)[0] for chip, name in SLICES.items()}
 
 
 def _spec(device, shape, dtype):
