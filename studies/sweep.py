@@ -1,7 +1,7 @@
 """Scaling-law sweep and ablations for the Q-Sparse reproduction study.
 
     python studies/sweep.py [--grid studies/grid.yaml] [--out studies/runs] [--results studies/results]
-                            [--collect_only] [--only NAME ...]
+                            [--collect_only] [--only NAME ...] [--compare OTHER/sweep.csv]
 
 Trains every run of the grid (sizes x sparsities, then the ablation runs) with
 ``qsparse_jax.train.loop.train``, one directory per run under ``--out``. A run whose directory holds
@@ -14,7 +14,9 @@ trainer does that). Then it writes into ``--results``:
 - ``ablations.md``: the ablation tables (final validation losses);
 - ``sweep.md``: the sweep's losses, and their gaps to dense at equal total and equal activated parameters;
 - ``fit.md`` and ``scaling_law.png``: the fit of Eq. 15-16 to the sweep runs (not the ablations)
-  with bootstrap intervals, S*, and the loss-vs-activated-parameters plot.
+  with bootstrap intervals, S*, and the loss-vs-activated-parameters plot (with ``--compare``: a second
+  sweep's law in the same plot and its constants beside these; ``studies/grid_b158.yaml``, the 1.58-bit
+  sweep, is compared with the full-precision one so).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def plan(grid: dict) -> list[dict]:
         for size, over in grid["sizes"].items():
             runs.append({"name": run_name(size, float(s)), "kind": "sweep", "S": float(s),
                          "overrides": {**grid["common"], **over, **{f"model.sparsity.{g}": float(s) for g in GROUPS}}})
-    size = grid["ablation_size"]
+    size = grid.get("ablation_size")
     for name, spec in grid.get("ablation_runs", {}).items():
         spec = dict(spec)
         s = float(spec.pop("sparsity"))
@@ -175,14 +177,57 @@ def sweep_tables(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def fit_and_plot(csv_path: Path, results: Path, n_boot: int):
+def plot_two_laws(fits: list, runs: list, labels: list[str], out: Path, title: str):
+    """One plot, loss vs activated parameters N_a (Eq. 23): each law's curve per S (colour: S; line
+    style: law) with its runs as points (filled: first law, hollow: second), and each law's S* curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from qsparse_jax.analysis import scaling_law as sl
+
+    sps = sorted({float(s) for r in runs for s in r[1]})
+    na_all = np.concatenate([(1 - r[1]) * r[0] for r in runs])
+    x = np.geomspace(na_all.min() / 1.5, na_all.max() * 1.5, 200)
+    fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=100)
+    colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(sps)))
+    styles = ("-", "--")
+    for k, (fit, (N, S, L), label) in enumerate(zip(fits, runs, labels)):
+        p = fit.params
+        for s, col in zip(sps, colors):
+            ax.plot(x, sl.loss_activated(x, s, p), styles[k], color=col, lw=1.4,
+                    label=f"{label}, S = {s:g}")
+            m = np.isclose(S, s)
+            ax.scatter((1 - s) * N[m], L[m], s=26, zorder=3, edgecolors=col,
+                       facecolors=col if k == 0 else "none")
+        s_star = sl.optimal_sparsity(p)
+        ax.plot(x, sl.loss_activated(x, s_star, p), styles[k], color="k", lw=1.0,
+                label=f"{label}, S* = {s_star:.3f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("activated parameters N_a (non-embedding projections)")
+    ax.set_ylabel("final validation loss (nats/byte)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def fit_and_plot(csv_path: Path, results: Path, n_boot: int, label: str | None = None,
+                 compare: Path | None = None, compare_label: str = "full precision"):
+    """Fit Eq. 15-16 with bootstrap intervals to fit.md, and the plot (with ``compare``: a second sweep's
+    CSV, refitted here without bootstrap, drawn in the same plot and its S* set beside this one's)."""
     from qsparse_jax.analysis import scaling_law as sl
 
     data = sl.read_runs(str(csv_path), n_col="N", s_col="S", loss_col="loss")
     fit = sl.fit_law(*data)
     boot = sl.bootstrap(*data, n_boot=n_boot, seed=0)
     s_star = sl.optimal_sparsity(fit)
-    lines = ["# Fit of L(N, S) = E + (B + C·exp(β/(1−S))) / N^α (Eq. 15-16) to the sweep runs", "",
+    lines = ["# Fit of L(N, S) = E + (B + C·exp(β/(1−S))) / N^α (Eq. 15-16) to the sweep runs"
+             + (f" ({label})" if label else ""), "",
              f"N = non-embedding projection parameters; loss = final validation loss (nats/byte); "
              f"{len(data[0])} runs; Huber(δ=1e-3) on log-loss, L-BFGS, best of a grid of initializations; "
              f"95 % percentile intervals from {n_boot} bootstrap resamples of the runs.", "",
@@ -193,9 +238,31 @@ def fit_and_plot(csv_path: Path, results: Path, n_boot: int):
     s_boot = [sl.optimal_sparsity(b) for b in boot]
     lo, hi = sl.percentile_interval(s_boot)
     lines.append(f"Bootstrap 95 % interval of S*: [{100 * lo:.1f} %, {100 * hi:.1f} %].")
+    if compare is not None:
+        data2 = sl.read_runs(str(compare), n_col="N", s_col="S", loss_col="loss")
+        fit2 = sl.fit_law(*data2)
+        s2 = sl.optimal_sparsity(fit2)
+        lines += ["", f"## Against the {compare_label} sweep (`{compare}`, refitted here without bootstrap)", "",
+                  "| constant | " + (label or "this sweep") + f" | {compare_label} |", "|---|---|---|"]
+        lines += [f"| {n} | {getattr(fit.params, n):.4g} | {getattr(fit2.params, n):.4g} |" for n in sl.NAMES]
+        lines += [f"| S* | {100 * s_star:.1f} % | {100 * s2:.1f} % |", "",
+                  "Loss difference per run (this sweep minus the other, same N and S):", "",
+                  "| N | " + " | ".join(f"S = {s:g}" for s in sorted(set(data[1].tolist()))) + " |",
+                  "|---|" + "---|" * len(set(data[1].tolist()))]
+        other = {(float(n), float(s)): l for n, s, l in zip(*data2)}
+        mine = {(float(n), float(s)): l for n, s, l in zip(*data)}
+        for n in sorted(set(data[0].tolist())):
+            lines.append(f"| {n:,.0f} | " + " | ".join(
+                f"{mine[n, s] - other[n, s]:+.4f}" if (n, s) in other and (n, s) in mine else ""
+                for s in sorted(set(data[1].tolist()))) + " |")
+        plot_two_laws([fit, fit2], [data, data2], [label or "this sweep", compare_label],
+                      results / "scaling_law.png",
+                      f"Q-Sparse scaling law (Eq. 23), {label or 'this sweep'} (solid, filled) vs "
+                      f"{compare_label} (dashed, hollow); byte-level models, 2 CPU cores")
+    else:
+        sl.plot_law(fit, str(results / "scaling_law.png"), runs=data,
+                    title="Q-Sparse scaling law, byte-level models on 2 CPU cores")
     (results / "fit.md").write_text("\n".join(lines) + "\n")
-    sl.plot_law(fit, str(results / "scaling_law.png"), runs=data,
-                title="Q-Sparse scaling law, byte-level models on 2 CPU cores")
     print("\n".join(lines))
 
 
@@ -208,6 +275,9 @@ def main(argv=None) -> int:
                    help="do not train; rebuild the results from finished runs")
     p.add_argument("--only", nargs="*", help="train only these runs")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the fit intervals")
+    p.add_argument("--compare", help="a second sweep's sweep.csv (e.g. studies/results/sweep.csv): its law in the "
+                                     "same plot, its constants and S* beside this one's in fit.md")
+    p.add_argument("--compare_label", default="full precision", help="that sweep's name in the plot and fit.md")
     args = p.parse_args(argv)
 
     grid = yaml.safe_load(Path(args.grid).read_text())
@@ -235,15 +305,17 @@ def main(argv=None) -> int:
                   f"(sweep so far {time.time() - t_all:.0f} s)", flush=True)
     rows = collect(runs, out)
     write_csv(rows, results / "runs.csv")
-    (results / "ablations.md").write_text(ablation_tables(grid, rows))
+    if grid.get("ablations"):
+        (results / "ablations.md").write_text(ablation_tables(grid, rows))
     (results / "sweep.md").write_text(sweep_tables(rows))
     sweep_csv = results / "sweep.csv"
     write_csv([r for r in rows if r["kind"] == "sweep"], sweep_csv)
-    print(f"wrote {results / 'runs.csv'} ({len(rows)} runs) and {results / 'ablations.md'}")
+    print(f"wrote {results / 'runs.csv'} ({len(rows)} runs)" + (f" and {results / 'ablations.md'}" if grid.get("ablations") else ""))
     from qsparse_jax.analysis.scaling_law import ScalingLawError
 
     try:
-        fit_and_plot(sweep_csv, results, args.bootstrap)
+        fit_and_plot(sweep_csv, results, args.bootstrap, grid.get("label"),
+                     Path(args.compare) if args.compare else None, args.compare_label)
     except ScalingLawError as e:
         print(f"fit skipped: {e}")
     return 0

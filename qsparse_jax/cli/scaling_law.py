@@ -3,8 +3,9 @@
 ``qsparse scaling-law fit --csv runs.csv [--n_col N --s_col S --loss_col loss] [--bootstrap 200]``
 fits L(N, S) = E + (B + C exp(beta / (1 - S))) / N^alpha to the final losses of a CSV of runs (N total
 parameters, S sparsity), with bootstrap intervals, and prints the inference-optimal sparsity S*.
-``qsparse scaling-law optimum [--E 1.86 --B 0.01 --C 1.89 --alpha 0.10 --beta 0.05]`` prints S* for
-given constants (default: the paper's). ``qsparse scaling-law plot --out law.png [--csv runs.csv]
+``qsparse scaling-law optimum [--preset paper|fp|bitnet158] [--E 1.86 --B 0.01 --C 1.89 --alpha 0.10
+--beta 0.05]`` prints S* for given constants (default: the paper's printed full-precision ones; ``fp`` and
+``bitnet158`` set β to reproduce the reported 45.58 % and 61.25 %, as the paper prints no other constants). ``qsparse scaling-law plot --out law.png [--csv runs.csv]
 [--sparsities 0 0.4 0.7] [constants]`` draws loss against activated parameters for several S.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 from ..analysis.scaling_law import (
     NAMES,
     PAPER,
+    PRESETS,
     LawParams,
     fit_report,
     optimum_report,
@@ -24,14 +26,26 @@ from .common import Parser, command, summary
 def _add_constants(p, paper_default: bool):
     for n in NAMES:
         p.add_argument(f"--{n}", type=float, default=None,
-                       help=f"constant {n} (default: {'the paper' if paper_default else 'the fit, else the paper'}'s "
+                       help=f"constant {n} (default: the preset's, else "
+                            f"{'the paper' if paper_default else 'the fit, else the paper'}'s "
                             f"{getattr(PAPER, n)})")
 
 
+def _add_preset(p):
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="constants to start from (given constants override them): paper = as printed, full "
+                        "precision (S* 50.2 %%); fp = paper with beta 0.0547, the reported full-precision S* "
+                        "45.58 %%; bitnet158 = paper with beta 0.03894, the reported BitNet b1.58 S* 61.25 %% "
+                        "(the paper prints no 1.58-bit constants: derived, not published)")
+
+
 def _constants(args) -> LawParams | None:
-    """The given constants on top of the paper's; None when none was given."""
+    """The given constants on top of the preset's (the paper's printed ones without a preset); None when
+    neither a preset nor a constant was given."""
     given = {n: getattr(args, n) for n in NAMES if getattr(args, n) is not None}
-    return LawParams(**{n: given.get(n, getattr(PAPER, n)) for n in NAMES}) if given else None
+    preset = getattr(args, "preset", None)
+    base = PRESETS[preset or "paper"]
+    return LawParams(**{n: given.get(n, getattr(base, n)) for n in NAMES}) if given or preset else None
 
 
 def _add_columns(p):
@@ -52,6 +66,7 @@ def main(argv=None) -> int:
     f.add_argument("--level", type=float, default=95.0, help="interval level in %% (default 95)")
     f.add_argument("--seed", type=int, default=0, help="seed of the resampling (default 0)")
     o = sub.add_parser("optimum", help="inference-optimal sparsity S* for given constants")
+    _add_preset(o)
     _add_constants(o, paper_default=True)
     o.add_argument("--n_active", type=float, default=1e9,
                    help="activated parameters N_a for the numeric cross-check and the loss (default 1e9)")
@@ -60,6 +75,7 @@ def main(argv=None) -> int:
     pl.add_argument("--csv", help="runs to draw as points; the curves are their fit unless constants are given")
     _add_columns(pl)
     pl.add_argument("--sparsities", type=float, nargs="+", help="curves to draw (default: the CSV's S values)")
+    _add_preset(pl)
     _add_constants(pl, paper_default=False)
     args = p.parse_args(argv)
     if args.cmd == "fit":

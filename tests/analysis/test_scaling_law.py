@@ -61,6 +61,25 @@ def test_beta_0547_reproduces_the_reported_45_6_percent_and_1_84x():
     assert 1 / (1 - s) == pytest.approx(1.84, abs=0.005)
 
 
+def test_bitnet158_preset_gives_the_reported_61_25_percent_and_2_58x():
+    p = sl.PRESETS["bitnet158"]
+    s = sl.optimal_sparsity(p)
+    assert round(100 * s, 2) == 61.25  # the paper's 1.58-bit S*, to its printed precision
+    assert round(1 / (1 - s), 2) == 2.58
+    assert sl.optimal_sparsity_numeric(p) == pytest.approx(s, abs=1e-6)
+    # only β differs from the printed full-precision constants, and it is the one that solves for 61.25 %
+    assert (p.E, p.B, p.C, p.alpha) == (sl.PAPER.E, sl.PAPER.B, sl.PAPER.C, sl.PAPER.alpha)
+    assert p.beta == pytest.approx(sl.beta_for_optimum(0.6125), abs=1e-5)
+
+
+def test_fp_preset_gives_the_reported_45_6_percent_and_the_paper_preset_is_the_printed_constants():
+    assert sl.PRESETS["paper"] == sl.PAPER
+    s = sl.optimal_sparsity(sl.PRESETS["fp"])
+    assert s == pytest.approx(0.4558, abs=5e-4) and round(1 / (1 - s), 2) == 1.84
+    solved = sl.LawParams(1.86, 0.01, 1.89, 0.10, sl.beta_for_optimum(0.4558))
+    assert sl.optimal_sparsity(solved) == pytest.approx(0.4558, abs=1e-9)
+
+
 def test_u_star_solves_the_first_order_condition():
     for p in (sl.PAPER, TRUE, sl.LawParams(1.0, 5.0, 0.5, 0.3, 0.2)):
         u = sl.optimal_u(p)
@@ -164,6 +183,15 @@ def test_cli_optimum_prints_both_paper_facts(capsys):
     assert scaling_law_main(["optimum", "--beta", "0.0547"]) == 0
     out = capsys.readouterr().out
     assert "S* = 45.56 %" in out and "total / activated = 1.837" in out
+
+
+def test_cli_optimum_preset_bitnet158(capsys):
+    assert scaling_law_main(["optimum", "--preset", "bitnet158"]) == 0
+    out = capsys.readouterr().out
+    assert "S* = 61.25 %" in out and "S = 61.25 %" in out and "total / activated = 2.580" in out
+    # a given constant overrides the preset's
+    assert scaling_law_main(["optimum", "--preset", "bitnet158", "--beta", "0.05"]) == 0
+    assert "S* = 50.24 %" in capsys.readouterr().out
 
 
 def test_cli_fit_prints_constants_with_intervals(tmp_path, capsys):
