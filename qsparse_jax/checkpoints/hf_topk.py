@@ -71,6 +71,9 @@ def apply_topk(model: torch.nn.Module, config=None) -> list:
     keep = q["keep"]
     sp = q.get("sparsity", {})
     block_size, rescale = sp.get("block_size"), sp.get("rescale", "none")
+    if sp.get("select", "auto") == "statistical":  # exact top-K hooks would compute another function
+        raise ValueError("this export was trained with statistical top-K (sparsity.select: statistical); "
+                         "apply_topk implements the exact top-K only")
     handles = []
     for name, module in model.named_modules():
         group = GROUPS.get(name.rsplit(".", 1)[-1])

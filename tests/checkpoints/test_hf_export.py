@@ -94,7 +94,7 @@ def test_config_json_holds_the_sparsity_for_every_model_type_and_import_restores
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["model_type"] == model_type
     assert config["qsparse"]["sparsity"] == {"qkv": 0.5, "out": 0.25, "gate_up": 0.5, "down": 0.75, "block_size": 16,
-                                             "rescale": "l2_preserve", "grad": "ste"}
+                                             "rescale": "l2_preserve", "grad": "ste", "select": "auto"}
     assert config["qsparse"]["keep"] == {"qkv": 8, "out": 12, "gate_up": 8, "down": 4}  # per block of 16
     assert config["qsparse"]["tokenizer"] == "tokenizer.json"
     assert load_pretrained(tmp_path / "hf").config.sparsity == sparsity
