@@ -21,6 +21,7 @@ towards the lowest index so that exactly ``k`` entries are kept.
 from __future__ import annotations
 
 from functools import partial
+from statistics import NormalDist
 
 import jax
 import jax.numpy as jnp
@@ -242,7 +243,7 @@ def statistical_mask(x: jax.Array, k: int) -> jax.Array:
     std = jnp.sqrt(jnp.maximum(jnp.mean(x32 * x32, axis=-1, keepdims=True) - mean * mean, 0.0))
     if k >= d:
         return jnp.ones(x.shape, bool)
-    z = float(jax.scipy.special.ndtri(1.0 - k / (2.0 * d)))
+    z = NormalDist().inv_cdf(1.0 - k / (2.0 * d))  # a Python float: traced code must not compute it
     return jnp.abs(x32) >= std * z
 
 
