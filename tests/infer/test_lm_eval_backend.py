@@ -84,9 +84,10 @@ def test_dense_backend_matches_lm_eval_hf_request_by_request(setup, hf_run, caps
             assert abs(float(ll) - float(ll_hf)) < 1e-4 and str(greedy) == str(greedy_hf)
     # loglikelihood_rolling: documents longer than the context are scored in windows, as by lm-eval's HF backend
     for doc, (ll,) in _resps(samples, "tiny_ppl").items():
-        # a document's log-likelihood is a float32 sum over hundreds of tokens (|ll| ~ 1e3): relative 1e-7
+        # a document's log-likelihood is a float32 sum over hundreds of tokens (|ll| ~ 1e3): a few units of
+        # float32's 1.2e-7 relative precision (measured 0.84e-7 and 1.27e-7 relative on two machines)
         ll_hf = float(_resps(hf_samples, "tiny_ppl")[doc][0])
-        assert abs(float(ll) - ll_hf) <= 1e-7 * abs(ll_hf), (ll, ll_hf)
+        assert abs(float(ll) - ll_hf) <= 5e-7 * abs(ll_hf), (ll, ll_hf)
     assert res["tiny_ppl"]["bits_per_byte,none"] == pytest.approx(hf_res["tiny_ppl"]["bits_per_byte,none"], rel=1e-6)
     # generate_until: greedy through the KV-cache decoder, cut at the stop sequence, the same strings; prompts of
     # four lengths share one decoder per row count (1, and 4 for the three equal prompts plus a padding row)
