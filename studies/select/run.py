@@ -23,7 +23,7 @@ from sweep import plan, train_run  # noqa: E402  (studies/sweep.py, a script bes
 
 
 def table(grid: dict, out: Path) -> str:
-    lines = ["| run | selection | nominal keep | measured keep qkv / out / gate_up | down input zeros | val loss |",
+    lines = ["| run | selection | nominal keep | measured keep qkv / out | down input zeros | val loss |",
              "|---|---|---|---|---|---|"]
     for run in plan(grid):
         path = out / run["name"] / "result.json"
