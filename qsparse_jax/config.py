@@ -25,6 +25,7 @@ ACTIVATIONS = ("relu2", "silu")
 KERNELS = ("off", "on", "xla", "pallas", "interpret")  # on: Pallas on GPU/TPU, XLA int8 path on CPU
 DTYPES = ("float32", "bfloat16")
 ATTENTION = ("auto", "xla", "chunked", "cudnn", "flash")  # attention.IMPLS
+REMAT = ("none", "full", "dots", "dots_topk")  # nn.model.REMAT_POLICIES
 @dataclass(frozen=True)
 class ModelConfig:
     """Llama-style decoder with Q-Sparse / BitNet options (defaults: a tiny byte-level model)."""
@@ -52,7 +53,8 @@ class ModelConfig:
     weight_sparsity: WeightSparsityConfig = field(default_factory=WeightSparsityConfig)  # AST N:M weights
     lte: LTEConfig = field(default_factory=LTEConfig)  # LTE experts + routers (lte.py)
     scan_layers: bool = False  # one stacked Block under nnx.scan: compile time independent of depth
-    remat: str = "none"  # activation checkpointing per block: none | full | dots (keep weight matmuls)
+    remat: str = "none"  # activation checkpointing per block: none | full | dots (keep weight matmuls) | dots_topk
+    # (dots, and keep the top-K selections' outputs: no selection in the backward pass)
     kernels: str = "off"  # projections through kernels.qsparse_matmul (1.58-bit weights, int8 activations)
     attention: str = "auto"  # auto | xla | chunked | cudnn | flash (attention.py): auto = flash on TPU, cuDNN on GPU
     dtype: str = "float32"  # compute dtype
@@ -82,7 +84,7 @@ class ModelConfig:
                  f"model.weight_bits must be null or one of {WEIGHT_BITS}, got {self.weight_bits!r}")
         _require(self.sliding_window is None or self.sliding_window >= 1,
                  f"model.sliding_window must be a positive integer or null, got {self.sliding_window!r}")
-        _require(self.remat in ("none", "full", "dots"), f"model.remat must be one of none, full, dots, got {self.remat!r}")
+        _require(self.remat in REMAT, f"model.remat must be one of {', '.join(REMAT)}, got {self.remat!r}")
         _require(self.kernels in KERNELS, f"model.kernels must be one of {KERNELS}, got {self.kernels!r}")
         _require(self.attention in ATTENTION, f"model.attention must be one of {ATTENTION}, got {self.attention!r}")
         if self.kernels != "off":

@@ -7,6 +7,7 @@
 from .api import DECODE_MAX_TOKENS, IMPLS, qsparse_matmul
 from .packing import (
            BITS,
+           TPU_ALIGN,
            PackedTernary,
            dequantize,
            pack_levels,
@@ -14,5 +15,5 @@ from .packing import (
            unpack_levels,
 )
 
-__all__ = ["BITS", "DECODE_MAX_TOKENS", "IMPLS", "PackedTernary", "dequantize", "pack_levels", "pack_ternary",
+__all__ = ["BITS", "DECODE_MAX_TOKENS", "TPU_ALIGN", "IMPLS", "PackedTernary", "dequantize", "pack_levels", "pack_ternary",
            "qsparse_matmul", "unpack_levels"]

@@ -29,7 +29,7 @@ from jax.interpreters import mlir
 
 from . import pallas as _pallas
 from . import reference as _ref
-from .packing import PackedTernary, dequantize
+from .packing import PackedTernary, dequantize, layout_error
 
 IMPLS = ("auto", "xla", "pallas", "interpret")
 DECODE_MAX_TOKENS = 8
@@ -41,11 +41,8 @@ def _validate(x, w, k, block_size, impl):
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if not isinstance(w, PackedTernary):
         raise ValueError(f"w must be a PackedTernary (kernels.pack_ternary(weight)), got {type(w).__name__}")
-    if w.data.ndim != 2 or w.data.dtype != jnp.uint8:
-        raise ValueError(f"w.data must be uint8 [in, ceil(out/{w.per_byte})], got {w.data.dtype}{list(w.data.shape)}")
-    if w.data.shape[1] != -(-w.out_features // w.per_byte):
-        raise ValueError(f"w.data has {w.data.shape[1]} packed columns; out_features={w.out_features} "
-                         f"needs {-(-w.out_features // w.per_byte)}")
+    if (err := layout_error(w)) is not None:  # bytes, or the TPU words layout (packing.tpu_layout)
+        raise ValueError(err)
     if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating) or x.ndim < 1:
         raise ValueError(f"x must be a float array [..., in_features], got {getattr(x, 'dtype', type(x).__name__)}"
                          f"{list(getattr(x, 'shape', []))}")

@@ -15,13 +15,13 @@ import numpy as np
 from flax import nnx
 
 from ..config import ModelConfig, RopeScaling
-from ..kernels import pack_ternary, qsparse_matmul
+from ..kernels import TPU_ALIGN, pack_ternary, qsparse_matmul
 from ..ops.nm import nm_mask, slorb_apply, slorb_init, slorb_x_init
 from ..ops.quant import quantize_activations, quantize_weights
 from ..ops.topk import topk_sparsify
 from .attention import MaskSpec, attend
 from .selection import select_topk
-from .sharding import active_mesh, constrain, logical_to_spec
+from .sharding import active_mesh, constrain, logical_to_spec, target_platform
 
 
 def _dtype(name: str):
@@ -260,14 +260,27 @@ class SparseLinear(nnx.Module):
         return self.project(self.sparsify(x))
 
 
-def pack_for_inference(model: nnx.Module, bits: float = 2) -> nnx.Module:
+PACK_LAYOUTS = ("auto", "bytes", "tpu")
+
+
+def pack_for_inference(model: nnx.Module, bits: float = 2, layout: str = "auto") -> nnx.Module:
     """A copy of ``model`` whose kernel-enabled projections read pre-packed ternary weights (2-bit, or
-    1.6-bit base 3): decoding then reads only the packed rows of the kept features (SEEDS §4)."""
+    1.6-bit base 3): decoding then reads only the packed rows of the kept features (SEEDS §4).
+
+    ``layout``: ``"bytes"`` (uint8, read by the CPU and GPU paths), ``"tpu"`` (``kernels.tpu_layout``:
+    uint32 words, columns a multiple of 128, so the TPU decode kernel copies only the kept rows by DMA
+    and no relayout copy precedes a call), or ``"auto"``: ``"tpu"`` when the program is compiled for a
+    TPU (``sharding.target_platform``: the active mesh's devices, else the default backend)."""
+    if layout not in PACK_LAYOUTS:
+        raise ValueError(f"layout must be one of {PACK_LAYOUTS}, got {layout!r}")
+    if layout == "auto":
+        layout = "tpu" if target_platform() == "tpu" else "bytes"
+    words = dict(unit=jnp.uint32, align=TPU_ALIGN) if layout == "tpu" else {}
     model = nnx.clone(model)
     for _, m in nnx.iter_modules(model):
         if isinstance(m, SparseLinear) and m.kernels != "off":
             w = m.masked_weight()
-            pack = lambda w: pack_ternary(w, bits)
+            pack = lambda w: pack_ternary(w, bits, **words)
             m.packed = nnx.data(PackedWeight(jax.vmap(pack)(w) if w.ndim == 3 else pack(w)))  # scan_layers: stacked
     return model
 

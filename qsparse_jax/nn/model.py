@@ -18,6 +18,7 @@ from ..config import PROJECTION_GROUPS, ModelConfig
 from ..ops.nm import slorb_model_params
 from .layers import Attention, FeedForward, RMSNorm, _dtype
 from .lte import LTEFeedForward
+from .selection import TOPK_NAME
 from .sharding import constrain
 
 
@@ -118,6 +119,11 @@ REMAT_POLICIES = {
     "full": None,
     # keep matmul outputs without a batch dimension in the weights (MaxText's "minimal"-like policy)
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # ... and the top-K selections' outputs (the weight gradients' inputs): the backward pass does not
+    # run the selection again, at the memory of one activation per sparsified input
+    "dots_topk": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(TOPK_NAME)),
 }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from functools import partial
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 
 from ..kernels.pallas_topk import topk_rows
 from ..ops.topk import topk_sparsify
@@ -41,10 +42,16 @@ def _fused_ste(x, k):
 _fused_ste.defvjp(lambda x, k: (_fused_ste(x, k), None), lambda k, _, g: (g,))  # Eq. 13: identity
 
 
+TOPK_NAME = "topk"  # the selection's output, for remat policies (``model.remat: dots_topk`` saves it)
+
+
 def select_topk(x: jax.Array, k: int, *, block_size=None, rescale: str = "none", grad: str = "ste",
                 select: str = "auto") -> jax.Array:
-    """``x ⊙ Top_k(|x|)`` (Eq. 2–3) by the path ``select`` names (module docstring)."""
+    """``x ⊙ Top_k(|x|)`` (Eq. 2–3) by the path ``select`` names (module docstring); the output is named
+    ``TOPK_NAME`` (``jax.ad_checkpoint.checkpoint_name``) so a remat policy can keep it."""
     if select == "auto" and fused_applies(x, block_size, rescale, grad):
-        return _fused_ste(x, k)
-    return topk_sparsify(x, k, block_size=block_size, rescale=rescale, grad=grad,
-                         select="xla" if select == "auto" else select)
+        y = _fused_ste(x, k)
+    else:
+        y = topk_sparsify(x, k, block_size=block_size, rescale=rescale, grad=grad,
+                          select="xla" if select == "auto" else select)
+    return checkpoint_name(y, TOPK_NAME)

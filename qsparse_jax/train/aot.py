@@ -252,7 +252,9 @@ def decode_params(model_cfg, mesh, bits: float):
 
     build = lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))
     if model_cfg.kernels != "off":
-        build = lambda: pack_for_inference(Transformer(model_cfg, rngs=nnx.Rngs(0)), bits)
+        # a TPU mesh gets the words layout: the decode kernel DMAs only the kept rows (kernels.packing)
+        layout = "tpu" if mesh.devices.flat[0].platform == "tpu" else "bytes"
+        build = lambda: pack_for_inference(Transformer(model_cfg, rngs=nnx.Rngs(0)), bits, layout)
     graphdef, params = nnx.split(nnx.eval_shape(build))
     shardings = state_shardings(params, mesh)
     # the shardings are a prefix of the parameters: a packed ternary weight (data, scale) has one sharding

@@ -72,8 +72,25 @@ def test_tpu_decode_compiled_from_a_cpu_host_has_the_mosaic_kernels_only_with_ke
     if kernels == "on":
         assert MOSAIC in text
         assert projection_calls == 7  # one int8 x ternary kernel per projection of the decode step
+        # every projection keeps 70 %: each is the kernel that DMAs only the kept rows of the packed words
+        assert kernel_calls(text)["names"].get("qsparse_tpu_decode_kept_rows") == 7
     else:
         assert projection_calls == 0  # (other Pallas kernels, e.g. the top-K selection, may be there)
+
+
+@pytest.mark.libtpu
+@needs_libtpu
+def test_decode_packs_words_for_a_tpu_mesh_and_bytes_for_a_cpu_one(v5e8):
+    """The TPU decode kernel copies whole 32-bit rows by DMA and the batched kernel reads a row-major weight
+    only with columns a multiple of 128 (``packing.tpu_layout``): a TPU mesh gets that layout, CPU bytes."""
+    cfg = _cfg("on")
+    packed = lambda params: [a for p, a in jax.tree_util.tree_leaves_with_path(params)
+                             if "packed" in jax.tree_util.keystr(p) and a.ndim == 2]
+    tpu = packed(decode_params(cfg.model, make_mesh(cfg.mesh, v5e8), 2)[1])
+    cpu = packed(decode_params(cfg.model, make_mesh(cfg.mesh, jax.devices()[:1]), 2)[1])
+    assert len(tpu) == len(cpu) == 7
+    assert all(a.dtype == jnp.uint32 and a.shape[1] % 128 == 0 for a in tpu)
+    assert all(a.dtype == jnp.uint8 for a in cpu)
 
 
 def test_auto_lowers_to_the_target_platform_form():

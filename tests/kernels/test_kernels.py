@@ -239,7 +239,7 @@ def test_bad_operands_raise_one_line_errors():
         (jnp.ones((2, 64), jnp.int32), w, "x must be a float array"),
         (_x(19, 2, 64), wf, "w must be a PackedTernary"),
         (_x(19, 2, 64), type(w)(w.data.astype(jnp.int8), w.scale, 8, 2), "w.data must be uint8"),
-        (_x(19, 2, 64), type(w)(w.data, w.scale, 30, 2), "out_features=30 needs 8"),
+        (_x(19, 2, 64), type(w)(w.data, w.scale, 30, 2), "out_features=30 needs at least 8"),
     ]:
         with pytest.raises(ValueError, match=match) as e:
             qsparse_matmul(x, ww, k=10)

@@ -295,7 +295,7 @@ def test_sparsity_values_are_validated():
         SparsityConfig(grad="vanilla")
 
 
-@pytest.mark.parametrize("policy", ["full", "dots"])
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_topk"])
 def test_remat_recomputes_blocks_with_the_same_gradients(policy):
     """Activation checkpointing per block (jax.checkpoint) changes memory, not the math. (XLA:CPU does
     not shrink its peak memory for it, so only the rematerialization itself is checked here.)"""
@@ -314,6 +314,26 @@ def test_remat_recomputes_blocks_with_the_same_gradients(policy):
         np.testing.assert_allclose(b, a, atol=1e-7)
     remat = lambda jaxpr: jaxpr.count("remat") + jaxpr.count("checkpoint")  # the primitive's name varies by jax
     assert remat(jaxprs[0]) == 0 and remat(jaxprs[1]) >= 2  # one per block
+
+
+def test_remat_dots_topk_runs_each_selection_once():
+    """``remat: dots`` recomputes the top-K selections in the backward pass (their outputs feed the weight
+    gradients); ``dots_topk`` keeps the outputs, so the compiled gradient runs the selections' search
+    loops as often as without remat (once, in the forward pass)."""
+    from qsparse_jax.nn.model import with_config
+
+    t = jax.random.randint(jax.random.key(0), (2, 8), 0, 256)
+    base = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                   sparsity=SparsityConfig.uniform(0.3)), rngs=nnx.Rngs(0))
+    loops = {}
+    for policy in ("none", "dots", "dots_topk"):
+        apply, params = functional(with_config(base, remat=policy))
+        f = jax.grad(lambda p: jnp.mean(apply(p, t) ** 2))
+        loops[policy] = jax.jit(f).lower(params).compile().as_text().count(" while(")
+    forward = jax.jit(lambda p: apply(p, t)).lower(params).compile().as_text().count(" while(")
+    assert forward >= 2 * 4  # two blocks x (q/k/v, out, gate/up, down inputs): a search loop or more each
+    assert loops["none"] == loops["dots_topk"] == forward
+    assert loops["dots"] > forward  # (XLA merges a few of the recomputed loops with the forward ones)
 
 
 def _scanned_copy(model):
