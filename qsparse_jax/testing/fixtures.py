@@ -12,6 +12,8 @@ import json
 import random
 from pathlib import Path
 
+import jax
+
 WORDS = ("the a one red blue green small large old new cat dog bird fish tree house river stone light dark "
          "runs jumps sees finds makes takes walks sleeps sings reads over under near into from with "
          "quickly slowly always never today morning evening water fire earth wind king queen city road "
@@ -101,3 +103,8 @@ def write_gen_task(dir: Path, prompts: list[str], name: str = "tiny_gen", max_ge
         "metric_list:\n  - metric: exact_match\n")
     return data
 
+
+
+def on_device(device, shape, dtype):
+    """An abstract array placed on one device (a ``ShapeDtypeStruct`` to lower and compile for it)."""
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.SingleDeviceSharding(device))

@@ -81,6 +81,8 @@ def variants(dense_ckpt: str, sgpt_ckpt: str, steps: int) -> dict:
         # relative to the weights than in a 7B model, so the paper's λ barely restrains the pruned weights
         "ast_decay100": (decay(steps, 100), dense_ckpt),
         "ast_decay1000": (decay(steps, 1000), dense_ckpt),
+        # the decay added before gradient clipping instead of after it (the authors' order, the default)
+        "ast_decay1000_preclip": ({**decay(steps, 1000), "model.weight_sparsity.decay_after_clip": False}, dense_ckpt),
         "ast_decay1000_kd": ({**decay(steps, 1000), **kd}, dense_ckpt),
         "ast_decay1000_kd_slorb": ({**decay(steps, 1000), **kd, "model.weight_sparsity.slorb": True,
                                     "model.weight_sparsity.slorb_group": 16}, dense_ckpt),
@@ -98,11 +100,13 @@ LABELS = {"fixed": "fixed mask (magnitude)", "ast": "AST masks", "ast_kd": "AST 
           "fixed_sparsegpt": "fixed mask (SparseGPT)", "fixed_kd": "fixed mask + KD",
           "dense_cont": "dense, trained on with the same recipe (control)",
           "ast_decay100": "AST masks, λ × 100", "ast_decay1000": "AST masks, λ × 1000",
+          "ast_decay1000_preclip": "AST masks, λ × 1000, decay added before clipping",
           "ast_decay1000_kd": "AST masks, λ × 1000, + KD", "ast_decay1000_kd_slorb": "AST masks, λ × 1000, + KD + SLoRB",
           "fixed_kdstrong": "fixed mask + KD from the dense control", "ast_decay1000_kdstrong": "AST masks, λ × 1000, + KD from the dense control",
           "lowlr_fixed": "LR 2e-4: fixed mask", "lowlr_ast": "LR 2e-4: AST masks",
           "lowlr_ast_decay1000": "LR 2e-4: AST masks, λ × 1000"}
-KEY_ROWS = ("fixed", "ast", "ast_kd", "ast_kd_slorb", "ast_decay1000", "ast_decay1000_kd", "ast_decay1000_kd_slorb")
+KEY_ROWS = ("fixed", "ast", "ast_kd", "ast_kd_slorb", "ast_decay1000", "ast_decay1000_preclip", "ast_decay1000_kd",
+            "ast_decay1000_kd_slorb")
 
 
 def config(overrides: dict):
@@ -165,7 +169,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     dense_ckpt = str(out / "dense" / "checkpoints")
     sgpt_ckpt = str(out / "oneshot_sparsegpt" / "checkpoints")
-    results: dict = {}
+    # rows recorded before and not rerun here are kept (a partial rerun with --only adds to the table)
+    results: dict = json.loads((HERE / "results.json").read_text()) if (HERE / "results.json").is_file() else {}
     if not args.collect_only:
         results["dense"] = run_train("dense", out, dense_overrides(args.dense_steps))
         for method in ("magnitude", "wanda", "sparsegpt"):

@@ -8,6 +8,7 @@ import os
 import pytest
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+SLICES = {"v5e": "v5e-1", "v5p": "v5p-8"}  # one v5e chip; the smallest v5p slice (4 chips), one used
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +33,9 @@ def tpu_slice():
         return cache[name]
 
     return devices
+
+
+@pytest.fixture(scope="module")
+def tpu(tpu_slice):
+    """chip name (``SLICES``) -> one TPU device of that generation (compile-only; nothing runs)."""
+    return {chip: tpu_slice(name)[0] for chip, name in SLICES.items()}

@@ -34,32 +34,23 @@ import pytest
 
 from qsparse_jax.kernels import PackedTernary, qsparse_matmul
 from qsparse_jax.kernels import pallas as kp
+from qsparse_jax.testing.fixtures import on_device
 from qsparse_jax.kernels import reference as ref
 from qsparse_jax.kernels.packing import packed_columns
 from qsparse_jax.train.topology import chip_of
 
 ROOT = Path(__file__).resolve().parents[2]
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+CHIPS = ("v5e", "v5p")  # the chips of the tpu fixture (tests/kernels/conftest.py)
 MUST_HAVE = bool(os.environ.get("CI")) and sys.platform == "linux" and platform.machine() == "x86_64"
 
 pytestmark = [pytest.mark.libtpu,
               pytest.mark.skipif(not HAS_LIBTPU and not MUST_HAVE,
                                  reason="libtpu is not installed (pip install -e '.[tpu]'; Linux x86-64 only)")]
 
-SLICES = {"v5e": "v5e-1", "v5p": "v5p-8"}  # one v5e chip; the smallest v5p slice (4 chips), one used
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 DECODE, DECODE_BATCH, PREFILL = 1, 8, 8 * 256
 KEEP = 0.7  # configs/7b-qsparse.yaml, 7b-bitnet-qsparse.yaml
-
-
-@pytest.fixture(scope="module")
-def tpu(tpu_slice):
-    """chip name -> one TPU device of that generation (compile-only; nothing runs)."""
-    return {chip: tpu_slice(name)[0] for chip, name in SLICES.items()}
-
-
-def _spec(device, shape, dtype):
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.SingleDeviceSharding(device))
 
 
 def _compile(f, *args):
@@ -74,7 +65,7 @@ def _compile(f, *args):
     return compiled, time.perf_counter() - t0
 
 
-@pytest.mark.parametrize("chip", sorted(SLICES))
+@pytest.mark.parametrize("chip", CHIPS)
 @pytest.mark.parametrize("tokens", [DECODE, PREFILL], ids=["decode", "prefill"])
 @pytest.mark.parametrize("d,n", SHAPES, ids=[f"{d}x{n}" for d, n in SHAPES])
 def test_matmul_kernel_compiles_for_tpu(tpu, chip, tokens, d, n):
@@ -82,19 +73,19 @@ def test_matmul_kernel_compiles_for_tpu(tpu, chip, tokens, d, n):
     assert chip_of(dev).name == f"TPU {chip}"  # "TPU v5 lite" is a v5e, "TPU v5" a v5p
     c = -(-n // 4)
     f = functools.partial(kp.matmul, bits=2, target="tpu")
-    compiled, sec = _compile(f, _spec(dev, (tokens, d), jnp.int8), _spec(dev, (d, c), jnp.uint8))
+    compiled, sec = _compile(f, on_device(dev, (tokens, d), jnp.int8), on_device(dev, (d, c), jnp.uint8))
     mem = compiled.memory_analysis()
     assert mem.argument_size_in_bytes >= d * c  # the packed weight is an argument, read in place
     assert mem.output_size_in_bytes >= 4 * tokens * c * 4  # int32 planes [4, M, C]
     assert sec < 60
 
 
-@pytest.mark.parametrize("chip", sorted(SLICES))
+@pytest.mark.parametrize("chip", CHIPS)
 def test_base3_packing_kernel_compiles_for_tpu(tpu, chip):
     dev = tpu[chip]
     c = -(-11008 // 5)
     f = functools.partial(kp.matmul, bits=1.6, target="tpu")
-    _compile(f, _spec(dev, (DECODE_BATCH, 4096), jnp.int8), _spec(dev, (4096, c), jnp.uint8))
+    _compile(f, on_device(dev, (DECODE_BATCH, 4096), jnp.int8), on_device(dev, (4096, c), jnp.uint8))
 
 
 @pytest.mark.parametrize("chip,tokens", [("v5e", DECODE), ("v5e", DECODE_BATCH), ("v5e", 512), ("v5p", DECODE),
@@ -105,11 +96,11 @@ def test_qsparse_matmul_compiles_for_tpu_end_to_end(tpu, chip, tokens):
     (the backend check is pointed at the TPU: this process's own backend is the CPU)."""
     dev = tpu[chip]
     d, n = 4096, 11008
-    w = PackedTernary(_spec(dev, (d, -(-n // 4)), jnp.uint8), _spec(dev, (), jnp.float32), n, 2)
+    w = PackedTernary(on_device(dev, (d, -(-n // 4)), jnp.uint8), on_device(dev, (), jnp.float32), n, 2)
     k = int(KEEP * d)
     with mock.patch.object(jax, "default_backend", lambda: "tpu"):
         compiled, _ = _compile(lambda x, w: qsparse_matmul(x, w, k=k, impl="pallas"),
-                               _spec(dev, (tokens, d), jnp.bfloat16), w)
+                               on_device(dev, (tokens, d), jnp.bfloat16), w)
     out = compiled.memory_analysis().output_size_in_bytes
     assert out == tokens * n * 4  # float32 [tokens, out]
 
@@ -165,8 +156,8 @@ def test_no_relayout_copies_around_the_kernel(tpu, unit, align, tokens, d, n):
     dev = tpu["v5p"]
     c = packed_columns(n, 2, unit, align)
     weight = f"{jnp.dtype(unit).name[0]}{jnp.dtype(unit).itemsize * 8}[{d},{c}]"
-    compiled, _ = _compile(_projection(n), _spec(dev, (tokens, d), jnp.bfloat16), _spec(dev, (d, c), unit),
-                           _spec(dev, (), jnp.float32))
+    compiled, _ = _compile(_projection(n), on_device(dev, (tokens, d), jnp.bfloat16), on_device(dev, (d, c), unit),
+                           on_device(dev, (), jnp.float32))
     text = compiled.as_text()
     call = re.search(r"custom-call\(([^)]*)\), custom_call_target=\"tpu_custom_call\"", text).group(1)
     rewrites, pads = _relayouts(text, weight)
@@ -187,7 +178,7 @@ def test_matmul_declares_the_bytes_it_moves(tpu):
     dev = tpu["v5p"]
     m, d, c = 2048, 4096, 768
     f = functools.partial(kp.matmul, bits=2, target="tpu")
-    compiled, _ = _compile(f, _spec(dev, (m, d), jnp.int8), _spec(dev, (d, c), jnp.uint32))
+    compiled, _ = _compile(f, on_device(dev, (m, d), jnp.int8), on_device(dev, (d, c), jnp.uint32))
     cost = compiled.cost_analysis()
     by_hand = 6 * m * d + 16 * d * c * 4 + 16 * m * c * 4
     assert cost["bytes accessed"] == by_hand == kp.matmul_bytes(m, d, c, 4)["total"]

@@ -24,6 +24,7 @@ import pytest
 
 from qsparse_jax.kernels import pack_ternary
 from qsparse_jax.kernels import pallas as kp
+from qsparse_jax.testing.fixtures import on_device
 from qsparse_jax.kernels import pallas_tpu_decode as dk
 from qsparse_jax.kernels import reference as ref
 from qsparse_jax.kernels.packing import packed_columns, tpu_layout
@@ -31,20 +32,11 @@ from qsparse_jax.kernels.packing import packed_columns, tpu_layout
 # |acc| ≤ 128·D, so never a real accumulator; not −2^31, whose double wraps to 0: XLA adds the two shares' buffers
 SENTINEL = 987_654_321
 SHAPES_7B = [(4096, 4096), (4096, 11008), (11008, 4096)]
-SLICES = {"v5e": "v5e-1", "v5p": "v5p-8"}
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+CHIPS = ("v5e", "v5p")  # the chips of the tpu fixture (tests/kernels/conftest.py)
 MUST_HAVE = bool(os.environ.get("CI")) and sys.platform == "linux" and platform.machine() == "x86_64"
 libtpu = [pytest.mark.libtpu, pytest.mark.skipif(not HAS_LIBTPU and not MUST_HAVE, reason="libtpu is not installed "
                                                  "(pip install -e '.[tpu]'; Linux x86-64 only)")]
-
-
-@pytest.fixture(scope="module")
-def tpu(tpu_slice):
-    return {chip: tpu_slice(name)[0] for chip, name in SLICES.items()}
-
-
-def _spec(device, shape, dtype):
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.SingleDeviceSharding(device))
 
 
 def _compile(f, *args):
@@ -150,7 +142,7 @@ def test_bytes_from_the_dmas_and_the_declared_cost(d, n):
         assert dk.copied_bytes(1638, 1, 768)["total"] == 1638 * 3072 + 1792 + 4 * 1793 + 2 * 16 * 768 * 4
 
 
-@pytest.mark.parametrize("chip", sorted(SLICES))
+@pytest.mark.parametrize("chip", CHIPS)
 @pytest.mark.parametrize("tokens", [1, 8])
 @pytest.mark.parametrize("d,n", SHAPES_7B, ids=[f"{d}x{n}" for d, n in SHAPES_7B])
 @libtpu[0]
@@ -163,8 +155,8 @@ def test_compiles_for_tpu_at_7b_decode_shapes(tpu, chip, tokens, d, n):
     r = min(d, tokens * k)  # the union bound the decode path passes
     c = packed_columns(n, 2, jnp.uint32, 128)
     f = functools.partial(kp.gather_matmul, bits=2, target="tpu")
-    compiled, sec = _compile(f, _spec(dev, (1,), jnp.int32), _spec(dev, (r,), jnp.int32),
-                             _spec(dev, (tokens, r), jnp.int8), _spec(dev, (d, c), jnp.uint32))
+    compiled, sec = _compile(f, on_device(dev, (1,), jnp.int32), on_device(dev, (r,), jnp.int32),
+                             on_device(dev, (tokens, r), jnp.int8), on_device(dev, (d, c), jnp.uint32))
     text = compiled.as_text()
     assert "qsparse_tpu_decode_kept_rows" in text
     weight = f"u32[{d},{c}]"
@@ -180,8 +172,8 @@ def test_base3_words_compile_for_tpu(tpu):
     c = packed_columns(11008, 1.6, jnp.uint32, 128)
     assert c == 640  # 20 base-3 values per word
     f = functools.partial(kp.gather_matmul, bits=1.6, target="tpu")
-    _compile(f, _spec(dev, (1,), jnp.int32), _spec(dev, (1638,), jnp.int32), _spec(dev, (1, 1638), jnp.int8),
-             _spec(dev, (4096, c), jnp.uint32))
+    _compile(f, on_device(dev, (1,), jnp.int32), on_device(dev, (1638,), jnp.int32), on_device(dev, (1, 1638), jnp.int8),
+             on_device(dev, (4096, c), jnp.uint32))
 
 
 def test_tpu_entry_sends_words_to_the_dma_kernel_and_bytes_to_the_gathered_batched_kernel():
