@@ -1,4 +1,4 @@
-"""Fused top-K selection: ``x ⊙ Top_k(|x|)`` per row in one Pallas kernel (TPU Mosaic, or interpret mode).
+"""Fused top-K selection: ``x ⊙ Top_k(|x|)`` per row, or per block of M (N:M), in one Pallas kernel (TPU Mosaic, or interpret mode).
 
 The XLA path (``ops/topk.py``) runs its threshold search as a loop of passes, each re-reading the
 activations from HBM (31 for float32, 15 for bf16, plus a tie-break search). Here a block of rows is
@@ -19,6 +19,15 @@ broken towards the lowest index. In the kernel, per block of ``block_rows`` rows
 write of ``y``; flops = 3 vector operations (compare, select, add) per entry per pass, counted as
 FLOPs although they run on the vector unit, not the MXU (``topk_cost``).
 
+Block Q-Sparse (``topk_blocks``, N:M with M ≤ 64): the XLA path (``ops.topk._ranked_topk_mask``) ranks
+each entry against its block in one fused pass, but materializes the ``M``-wide comparisons (1.3x dense
+bytes for 16:32 in a 7B step). The kernel computes the same rank in VMEM, ``rank_i = #{j : |x_j| > |x_i|}
++ #{j < i : |x_j| = |x_i|}`` over ``j`` in ``i``'s block, by ``M − 1`` lane rotations of the whole row: for
+shift ``s`` an entry at block position ``p ≥ s`` meets ``j = i − s`` (``roll(bits, s)``, earlier in the
+block), one at ``p < s`` meets ``j = i − s + M`` (``roll(bits, s − M)``, later). An entry is kept when its
+rank is below ``N``: exactly N per block, the same entries as the XLA path. Declared cost: one read and
+one write; 7 vector operations (two rotations, a select, two compares, an or, an add) per entry per shift.
+
 Rows need not divide the block: the grid covers ``ceil(rows / block_rows)`` blocks and the rows past
 the end of the last one are computed on whatever the buffer holds and never written back. The
 straight-through gradient (Eq. 13) is the caller's (``nn/selection.py``): the kernel is the forward.
@@ -35,6 +44,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+BLOCK_MAX = 64  # N:M blocks up to this size run in ``topk_blocks`` (M − 1 rotations each); as ops.topk's rank path
 VMEM_BLOCK_BYTES = 1 << 20  # int32 bits of one block: 1 MiB (the block's live temporaries are a few of these)
 
 
@@ -89,6 +99,49 @@ def _kernel(x_ref, o_ref, *, k: int, sixteen: bool, vpasses: int, ipasses: int):
     cut = _bisect(lambda p: count(ties & (idx < p)) < need, hi * 0, hi * 0 + d + 1, ipasses)
     keep = above | (ties & (idx <= cut))
     o_ref[...] = jnp.where(keep, x, jnp.zeros((), x.dtype))
+
+
+def blocks_cost(rows: int, d: int, m: int, dtype) -> pl.CostEstimate:
+    """What ``topk_blocks`` declares: one read and one write of ``x``; 7 vector ops per entry per shift."""
+    nbytes = rows * d * jnp.dtype(dtype).itemsize
+    return pl.CostEstimate(flops=7 * (m - 1) * rows * d, transcendentals=0, bytes_accessed=2 * nbytes)
+
+
+def _blocks_kernel(x_ref, o_ref, *, n: int, m: int):
+    x = x_ref[...]
+    d = x.shape[-1]
+    bits = lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.int32)
+    pos = lax.rem(lax.broadcasted_iota(jnp.int32, bits.shape, 1), m)  # position inside the block
+    rank = jnp.zeros(bits.shape, jnp.int32)
+    for s in range(1, m):  # static: M − 1 rotations, unrolled
+        earlier = pos >= s  # the partner j = i − s lies in the same block, before i; else j = i − s + M, after i
+        other = jnp.where(earlier, pltpu.roll(bits, s, 1), pltpu.roll(bits, d + s - m, 1))
+        rank = rank + jnp.where((other > bits) | ((other == bits) & earlier), 1, 0)
+    o_ref[...] = jnp.where(rank < n, x, jnp.zeros((), x.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("n", "m", "block_rows", "interpret"))
+def topk_blocks(x: jax.Array, n: int, m: int, block_rows: int | None = None, interpret: bool = False) -> jax.Array:
+    """``x ⊙ Top_n(|x|)`` in every block of ``m`` consecutive features of the last axis (N:M), exactly
+    ``n`` per block, ties to the lowest index (module docstring)."""
+    d = x.shape[-1]
+    if not (1 <= m <= BLOCK_MAX and d % m == 0 and 1 <= n <= m):
+        raise ValueError(f"N:M needs 1 <= N <= M <= {BLOCK_MAX} and M dividing the feature size {d}, got {n}:{m}")
+    x2 = x.reshape(-1, d)
+    rows = x2.shape[0]
+    br = block_rows or block_rows_for(d, rows)
+    y = pl.pallas_call(
+        functools.partial(_blocks_kernel, n=n, m=m),
+        out_shape=jax.ShapeDtypeStruct(x2.shape, x.dtype),
+        grid=(pl.cdiv(rows, br),),
+        in_specs=[pl.BlockSpec((br, d), lambda i: (i, 0))],
+        out_specs=pl.BlockSpec((br, d), lambda i: (i, 0)),
+        compiler_params=None if interpret else pltpu.CompilerParams(dimension_semantics=("parallel",)),
+        cost_estimate=blocks_cost(rows, d, m, x.dtype),
+        interpret=interpret,
+        name="qsparse_topk_blocks",
+    )(x2)
+    return y.reshape(x.shape)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "block_rows", "interpret"))

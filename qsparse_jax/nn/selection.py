@@ -1,10 +1,11 @@
 """How a layer's top-K input selection runs: the fused Pallas kernel per shard on TPU, else ``ops.topk``.
 
 ``select`` (``model.sparsity.select``): ``auto`` uses ``kernels.pallas_topk`` — one HBM read and one
-write of the activations instead of one read per search pass — when the program is compiled for TPU
+write of the activations instead of one read per search pass (whole rows) or the XLA rank path's
+materialized comparisons (N:M blocks of at most ``BLOCK_MAX``) — when the program is compiled for TPU
 (``sharding.target_platform``: the mesh's devices, so a slice compiled from a CPU host counts), the
-selection is plain Q-Sparse (whole rows, no rescale, the straight-through gradient) and the feature
-axis is not split over the mesh; everything else runs the XLA search of ``ops.topk`` (``xla``), and
+selection is plain Q-Sparse (no rescale, the straight-through gradient) and the feature axis is not
+split over the mesh; everything else runs the XLA search of ``ops.topk`` (``xla``), and
 ``statistical`` its approximate threshold. The kernel is a Pallas call, which GSPMD does not partition:
 it runs under ``shard_map`` with the activation's rows split as the batch is and whole rows per shard.
 """
@@ -16,7 +17,7 @@ from functools import partial
 import jax
 from jax.ad_checkpoint import checkpoint_name
 
-from ..kernels.pallas_topk import topk_rows
+from ..kernels.pallas_topk import BLOCK_MAX, topk_blocks, topk_rows
 from ..ops.topk import topk_sparsify
 from .sharding import active_mesh, logical_to_spec, target_platform
 
@@ -25,21 +26,25 @@ def fused_applies(x: jax.Array, block_size, rescale: str, grad: str) -> bool:
     """Whether ``select=auto`` takes the fused kernel for this input here (module docstring)."""
     mesh = active_mesh()
     whole_rows = mesh is None or mesh.shape.get("tensor", 1) == 1
-    return (target_platform() == "tpu" and block_size is None and rescale == "none" and grad == "ste"
-            and whole_rows and x.ndim >= 2)
+    return (target_platform() == "tpu" and (block_size is None or block_size <= BLOCK_MAX) and rescale == "none"
+            and grad == "ste" and whole_rows and x.ndim >= 2)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _fused_ste(x, k):
+def _fused(x, k, block_size):
+    return topk_rows(x, k) if block_size is None else topk_blocks(x, k, block_size)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _fused_ste(x, k, block_size=None):
     mesh = active_mesh()
     if mesh is None or mesh.size == 1:
-        return topk_rows(x, k)
+        return _fused(x, k, block_size)
     spec = logical_to_spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)
-    return jax.shard_map(lambda x: topk_rows(x, k), mesh=mesh, in_specs=(spec,), out_specs=spec,
+    return jax.shard_map(lambda x: _fused(x, k, block_size), mesh=mesh, in_specs=(spec,), out_specs=spec,
                          check_vma=False)(x)
 
 
-_fused_ste.defvjp(lambda x, k: (_fused_ste(x, k), None), lambda k, _, g: (g,))  # Eq. 13: identity
+_fused_ste.defvjp(lambda x, k, b: (_fused_ste(x, k, b), None), lambda k, b, _, g: (g,))  # Eq. 13: identity
 
 
 TOPK_NAME = "topk"  # the selection's output, for remat policies (``model.remat: dots_topk`` saves it)
@@ -50,7 +55,7 @@ def select_topk(x: jax.Array, k: int, *, block_size=None, rescale: str = "none",
     """``x ⊙ Top_k(|x|)`` (Eq. 2–3) by the path ``select`` names (module docstring); the output is named
     ``TOPK_NAME`` (``jax.ad_checkpoint.checkpoint_name``) so a remat policy can keep it."""
     if select == "auto" and fused_applies(x, block_size, rescale, grad):
-        y = _fused_ste(x, k)
+        y = _fused_ste(x, k, block_size)
     else:
         y = topk_sparsify(x, k, block_size=block_size, rescale=rescale, grad=grad,
                           select="xla" if select == "auto" else select)

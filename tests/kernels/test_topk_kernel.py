@@ -48,6 +48,32 @@ def test_kernel_keeps_exactly_the_top_k_of_every_row(seed, rows, d, frac, dtype,
     assert y.dtype == x.dtype
 
 
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**16), rows=st.integers(1, 40), nm=st.sampled_from([(2, 4), (1, 8), (16, 32), (5, 32), (40, 64)]),
+       d_blocks=st.sampled_from([1, 2, 3]), dtype=st.sampled_from(["bfloat16", "float32"]), levels=st.sampled_from([0, 2]))
+def test_block_kernel_keeps_exactly_n_of_every_m_like_the_xla_path(seed, rows, nm, d_blocks, dtype, levels):
+    """Interpret mode, N:M: the kernel's output is ``x ⊙ topk_mask(x, N, block_size=M)`` exactly (the XLA rank
+    path), so exactly N per block; ``levels=2`` rounds the input to a few values, so blocks are full of ties."""
+    n, m = nm
+    d = 128 * d_blocks
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, d))
+    if levels:
+        x = np.round(x * levels) / levels
+    x = jnp.asarray(x, dtype)
+    y = kt.topk_blocks(x, n, m, block_rows=16, interpret=True)
+    want = jnp.where(topk_mask(x, n, block_size=m), x, 0)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(want, np.float32))
+    assert y.dtype == x.dtype
+    if not levels:  # no zeros drawn: the kept entries are visible as non-zeros, N in every block
+        assert (np.asarray(y, np.float32).reshape(rows, d // m, m) != 0).sum(-1).tolist() == [[n] * (d // m)] * rows
+
+
+def test_block_kernel_rejects_a_block_that_does_not_divide_the_row():
+    with pytest.raises(ValueError, match="N:M"):
+        kt.topk_blocks(jnp.ones((2, 96)), 2, 64, interpret=True)
+
+
 def test_fused_path_gradient_is_the_identity(monkeypatch):
     """Eq. 13 through the fused path: the cotangent passes unmasked (kernel run in interpret mode)."""
     monkeypatch.setattr(selection, "topk_rows", lambda x, k: kt.topk_rows(x, k, interpret=True))
@@ -58,10 +84,22 @@ def test_fused_path_gradient_is_the_identity(monkeypatch):
     np.testing.assert_array_equal(vjp(g)[0], g)
 
 
+def test_fused_block_path_gradient_is_the_identity(monkeypatch):
+    """Eq. 13 for Block Q-Sparse through the fused path: 16 of every 32 kept forward, the cotangent unmasked."""
+    monkeypatch.setattr(selection, "topk_blocks", lambda x, n, m: kt.topk_blocks(x, n, m, interpret=True))
+    x = jax.random.normal(jax.random.key(0), (8, 128))
+    g = jax.random.normal(jax.random.key(1), (8, 128))
+    y, vjp = jax.vjp(lambda x: selection._fused_ste(x, 16, 32), x)
+    assert (np.asarray(y).reshape(8, 4, 32) != 0).sum(-1).tolist() == [[16] * 4] * 8
+    np.testing.assert_array_equal(vjp(g)[0], g)
+
+
 def test_declared_cost_is_one_read_and_one_write_plus_the_passes():
     c = kt.topk_cost(8192, 4096, jnp.bfloat16)
     assert c.bytes_accessed == 2 * 8192 * 4096 * 2
     assert c.flops == 3 * (15 + 13 + 2) * 8192 * 4096  # 15 value passes (bf16), 13 index passes (0..4096)
+    b = kt.blocks_cost(8192, 4096, 32, jnp.bfloat16)
+    assert b.bytes_accessed == 2 * 8192 * 4096 * 2 and b.flops == 7 * 31 * 8192 * 4096  # 31 rotations for M = 32
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +122,19 @@ def test_mosaic_kernel_compiles_for_v5p_at_7b_shapes_with_its_declared_bytes(v5p
 
 
 @needs_libtpu
+@pytest.mark.parametrize("d", [4096, 11008])
+def test_mosaic_block_kernel_compiles_for_v5p_at_7b_shapes_with_its_declared_bytes(v5p, d):
+    """16:32 (configs/7b-block.yaml) on 8192 bf16 rows: one Mosaic call, one read + one write of the activations."""
+    sh = jax.sharding.SingleDeviceSharding(v5p[0])
+    c = jax.jit(lambda x: kt.topk_blocks(x, 16, 32)).lower(
+        jax.ShapeDtypeStruct((8192, d), jnp.bfloat16, sharding=sh)).compile()
+    assert "tpu_custom_call" in c.as_text()
+    cost = c.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    assert cost["bytes accessed"] == 2 * 8192 * d * 2
+
+
+@needs_libtpu
 @pytest.mark.parametrize("select, calls", [("auto", 1), ("xla", 0)])
 def test_a_layer_traced_for_a_tpu_mesh_uses_the_kernel_only_with_select_auto(v5p, select, calls):
     """Under an activation mesh of TPU devices (a slice compiled from this CPU host), ``select=auto``
@@ -93,3 +144,14 @@ def test_a_layer_traced_for_a_tpu_mesh_uses_the_kernel_only_with_select_auto(v5p
     with activation_sharding(mesh):
         text = f.trace(jax.ShapeDtypeStruct((8, 128, 1024), jnp.bfloat16)).lower(lowering_platforms=("tpu",)).as_text()
     assert text.count("qsparse_topk_rows") >= calls and (calls or "qsparse_topk_rows" not in text)
+
+
+@needs_libtpu
+@pytest.mark.parametrize("select, calls", [("auto", 1), ("xla", 0)])
+def test_a_block_layer_traced_for_a_tpu_mesh_uses_the_block_kernel_only_with_select_auto(v5p, select, calls):
+    """Block Q-Sparse (16:32) under a TPU activation mesh: ``auto`` lowers to the N:M kernel, ``xla`` does not."""
+    mesh = Mesh(np.array(v5p[:4]).reshape(4, 1, 1), ("data", "fsdp", "tensor"))
+    f = jax.jit(lambda x: selection.select_topk(x, 16, block_size=32, select=select))
+    with activation_sharding(mesh):
+        text = f.trace(jax.ShapeDtypeStruct((8, 128, 1024), jnp.bfloat16)).lower(lowering_platforms=("tpu",)).as_text()
+    assert text.count("qsparse_topk_blocks") >= calls and (calls or "qsparse_topk_blocks" not in text)
