@@ -3,13 +3,15 @@
 A random HF Llama directory (:func:`make_llama`), a byte-level BPE ``tokenizer.json`` trained here with
 ``tokenizers`` (:func:`make_tokenizer`), multiple-choice items and lm-eval task files over them
 (:func:`make_mc_items`, :func:`write_mc_task`, :func:`write_gen_task`), and the environment that keeps HF
-libraries offline (``OFFLINE_ENV``).
+libraries offline (``OFFLINE_ENV``); the environment of a CPU subprocess with N simulated devices (:func:`cpu_env`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 from pathlib import Path
 
 import jax
@@ -22,6 +24,16 @@ WORDS = ("the a one red blue green small large old new cat dog bird fish tree ho
 
 OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def cpu_env(devices: int | None = None, **extra: str) -> dict[str, str]:
+    """``os.environ`` for a CPU subprocess (``JAX_PLATFORMS=cpu``): ``XLA_FLAGS`` as this process has them (a
+    test session's compile flags), less any simulated device count, plus ``devices`` simulated devices when
+    given; ``extra`` variables on top."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", os.environ.get("XLA_FLAGS", "")).split()
+    if devices is not None:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags), **extra)
 
 
 def _sentence(rng: random.Random, lo: int, hi: int) -> str:

@@ -332,8 +332,10 @@ def test_remat_dots_topk_runs_each_selection_once():
         loops[policy] = jax.jit(f).lower(params).compile().as_text().count(" while(")
     forward = jax.jit(lambda p: apply(p, t)).lower(params).compile().as_text().count(" while(")
     assert forward >= 2 * 4  # two blocks x (q/k/v, out, gate/up, down inputs): a search loop or more each
-    assert loops["none"] == loops["dots_topk"] == forward
-    assert loops["dots"] > forward  # (XLA merges a few of the recomputed loops with the forward ones)
+    # without remat the gradient runs each selection loop once, as the forward does (XLA:CPU's loop emitters,
+    # which the tests use, add one loop of their own to the gradient program); dots_topk keeps that, dots reruns them
+    assert loops["none"] == loops["dots_topk"] >= forward
+    assert loops["dots"] > loops["none"]  # (XLA merges a few of the recomputed loops with the forward ones)
 
 
 def _scanned_copy(model):

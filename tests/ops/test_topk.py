@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from qsparse_jax.ops import topk as T
 from qsparse_jax.ops.topk import keep_count, topk_mask, topk_sparsify
+from qsparse_jax.testing.fixtures import cpu_env
 
 
 def reference_mask(x: np.ndarray, k: int) -> np.ndarray:
@@ -142,7 +143,7 @@ def test_works_when_feature_axis_is_sharded():
             np.testing.assert_array_equal(g(xe), want_g)
         print("ok")
     """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = cpu_env(8)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 

@@ -22,6 +22,7 @@ from qsparse_jax.train.loop import train
 from qsparse_jax.train.methods import methods_for
 from qsparse_jax.train.methods.base import leaves_by_path
 from qsparse_jax.train.step import make_stats_step, make_train_step, setup
+from qsparse_jax.testing.fixtures import cpu_env
 from qsparse_jax.transforms.lte_convert import write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -127,7 +128,7 @@ def test_stage1_under_a_data_fsdp_tensor_mesh_gives_the_single_device_losses(tmp
     over = SMALL + [f"data.source={tmp_path / 'c'}", "model.lte.eta=0.5", "train.steps=3", "train.log_every=1",
                     "train.eval_every=3", "train.eval_batches=1"]
     train(load_config(str(ROOT / "configs/tiny.yaml"), over), tmp_path / "one")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = cpu_env(8)
     out = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(ROOT / "configs/tiny.yaml"),
                           json.dumps(over + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]), str(tmp_path / "eight")],
                          env=env, capture_output=True, text=True, timeout=600)

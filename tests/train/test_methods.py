@@ -17,6 +17,7 @@ from qsparse_jax.train.methods.distill import kd_loss_sum
 from qsparse_jax.train.step import make_train_step, setup
 from qsparse_jax.train.loop import train
 from qsparse_jax.ops.nm import nm_mask, slorb_init
+from qsparse_jax.testing.fixtures import cpu_env
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.hidden_dim=64", "model.max_seq_len=32",
@@ -251,7 +252,7 @@ def test_ast_under_an_fsdp_tensor_mesh_gives_the_single_device_losses(corpus, tm
     extra = [*AST, "model.weight_sparsity.slorb=true", "model.weight_sparsity.slorb_group=8",
              "model.weight_sparsity.mask_every=2", "train.steps=4", "train.log_every=1"]
     train(cfg_of(corpus, *extra), tmp_path / "one")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = cpu_env(8)
     overrides = SMALL + [f"data.source={corpus}", *extra, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
     out = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(ROOT / "configs/tiny.yaml"), json.dumps(overrides),
                           str(tmp_path / "eight")], env=env, capture_output=True, text=True, timeout=600)

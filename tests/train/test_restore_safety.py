@@ -23,6 +23,7 @@ from qsparse_jax.config import load_config
 from qsparse_jax.errors import ConfigError
 from qsparse_jax.nn.sharding import MESH_AXES, check_batch
 from qsparse_jax.train.optim import lr_schedule
+from qsparse_jax.testing.fixtures import cpu_env
 
 # resumed runs stop after a step or two, before any log step: only the train step compiles
 QUICK = ["checkpoint.every=2", "train.log_every=100", "train.eval_every=100"]
@@ -52,8 +53,7 @@ def _truncate_arrays(step_dir: Path) -> None:
 
 
 def _cli(*args, env=None):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
-    env.pop("XLA_FLAGS", None)
+    env = cpu_env(**(env or {}))
     return subprocess.run([QSPARSE, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
                           check=False)
 

@@ -20,6 +20,8 @@ import numpy as np
 
 from test_train import ROOT, SMALL, losses, metric_lines, run, run_on_8_devices  # the corpus fixture is conftest's
 
+from qsparse_jax.testing.fixtures import cpu_env
+
 FAKE_SRUN = """#!/usr/bin/env bash
 # stand-in for srun: start $SLURM_NTASKS tasks of the command here, one per "node"
 while [ $# -gt 0 ] && [ "${1#--}" != "$1" ]; do shift; done
@@ -53,7 +55,7 @@ def run_two_processes_of_4(tmp_path, corpus, workdir, overrides):  # noqa: F811
         (bin_dir / name).chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node[1-2]", SLURM_NTASKS="2",
                SLURM_JOB_ID="1", SLURM_SUBMIT_DIR=str(ROOT), QSPARSE_TEST_LOGS=str(logs), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+               XLA_FLAGS=cpu_env(4)["XLA_FLAGS"])
     args = ["bash", str(ROOT / "slurm/train.sbatch"), "--port", str(_free_port()), "--python", sys.executable, "--",
             "--config", "configs/tiny.yaml", "--workdir", str(workdir), *SMALL, f"data.source={corpus}", *overrides]
     p = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)

@@ -12,6 +12,7 @@ import pytest
 
 from qsparse_jax.config import load_config
 from qsparse_jax.train.loop import train
+from qsparse_jax.testing.fixtures import cpu_env
 
 ROOT = Path(__file__).resolve().parents[2]
 QSPARSE = str(Path(sys.executable).with_name("qsparse"))  # the console script, as a user runs it
@@ -73,7 +74,7 @@ MESH_SCRIPT = textwrap.dedent("""
 
 
 def run_on_8_devices(corpus, workdir, overrides, stop_after=None):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = cpu_env(8)
     args = [sys.executable, "-c", MESH_SCRIPT, str(ROOT / "configs/tiny.yaml"),
             json.dumps(SMALL + [f"data.source={corpus}", "train.steps=4", *overrides]), str(workdir)]
     out = subprocess.run(args + ([str(stop_after)] if stop_after else []), env=env, capture_output=True, text=True,
@@ -208,9 +209,7 @@ def test_two_processes_with_jax_distributed_match_one_process(task, corpus, sft_
             *SMALL, f"data.source={corpus}", "train.steps=3", "checkpoint.every=2", *data]
     procs = []
     for pid in range(2):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                   JAX_PROCESS_ID=str(pid))
-        env.pop("XLA_FLAGS", None)
+        env = cpu_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
         procs.append(subprocess.Popen([QSPARSE, "train", *args], cwd=ROOT, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=600) for p in procs]
