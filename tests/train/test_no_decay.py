@@ -13,7 +13,7 @@ from qsparse_jax.train.methods.base import leaves_by_path
 from qsparse_jax.train.step import setup, trainable
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.hidden_dim=64", "model.max_seq_len=32",
+SMALL = ["model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.hidden_dim=64", "model.max_seq_len=32",
          "data.seq_len=32", "data.batch_size=8", "optim.schedule=constant", "optim.warmup_steps=0", "optim.lr=0.01",
          "optim.weight_decay=0.1"]
 CASES = {

@@ -73,12 +73,11 @@ ONE_BY_8 = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
 TWO_BY_4 = ["mesh.data=2", "mesh.fsdp=4"]
 
 
-def test_checkpoint_moves_between_1x8_and_2x4_devices(corpus, tmp_path, monkeypatch):  # noqa: F811
+def test_checkpoint_moves_between_1x8_and_2x4_devices(corpus, tmp_path):  # noqa: F811
     """1 process x 8 devices writes step 2; 2 processes x 4 devices resume from it, train step 3 and save;
     1 x 8 resume from that and train step 4. Every loss equals a straight run on one device."""
-    # the two 1 x 8 legs compile the same programs: the second reads them from a persistent cache
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax-cache"))
-    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    # the two 1 x 8 legs compile the same programs: the second reads them from the test session's persistent
+    # compilation cache (tests/conftest.py)
     work, ref = tmp_path / "run", tmp_path / "one-device"
     run_on_8_devices(corpus, work, [*FIXED, "train.steps=2", *ONE_BY_8])
     first = metric_lines(work)
