@@ -34,7 +34,8 @@ class SparsityConfig:
     block_size: int | None = None
     rescale: str = "none"
     grad: str = "ste"
-    select: str = "auto"  # auto: fused Pallas selection on TPU, XLA search elsewhere; xla; statistical (approximate)
+    select: str = "auto"  # auto: fused Pallas selection on TPU, XLA search elsewhere; xla; fused (a kernel required:
+    # TPU, or GPU rows, nn/selection.py); statistical (approximate)
 
     @classmethod
     def uniform(cls, sparsity: float, **kw) -> "SparsityConfig":

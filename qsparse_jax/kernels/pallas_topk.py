@@ -28,6 +28,12 @@ block), one at ``p < s`` meets ``j = i − s + M`` (``roll(bits, s − M)``, lat
 rank is below ``N``: exactly N per block, the same entries as the XLA path. Declared cost: one read and
 one write; 7 vector operations (two rotations, a select, two compares, an or, an add) per entry per shift.
 
+GPU (``topk_rows_gpu``, Triton): the same exact search, one row per program, the row padded to a power of
+2 *in registers* (Triton's arrays are powers of 2; loads and stores are masked at the row's end, padded lanes
+get the pattern −1 and are never counted), so again one read and one write. Written and checked in the
+Pallas interpreter and by lowering to Triton on a CPU host; not yet run on a GPU, so ``select=auto`` does
+not take it: ``select=fused`` asks for it (``nn/selection.py``).
+
 Rows need not divide the block: the grid covers ``ceil(rows / block_rows)`` blocks and the rows past
 the end of the last one are computed on whatever the buffer holds and never written back. The
 straight-through gradient (Eq. 13) is the caller's (``nn/selection.py``): the kernel is the forward.
@@ -43,6 +49,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
 
 BLOCK_MAX = 64  # N:M blocks up to this size run in ``topk_blocks`` (M − 1 rotations each); as ops.topk's rank path
 VMEM_BLOCK_BYTES = 1 << 20  # int32 bits of one block: 1 MiB (the block's live temporaries are a few of these)
@@ -90,15 +97,7 @@ def _kernel(x_ref, o_ref, *, k: int, sixteen: bool, vpasses: int, ipasses: int):
     inf = 0x7F800000
     if sixteen:  # a bf16 value widened to float32 has 16 zero low bits: its own pattern, exactly
         bits, inf = lax.shift_right_logical(bits, 16), 0x7F80
-    count = lambda m: jnp.sum(jnp.where(m, 1.0, 0.0), axis=-1, keepdims=True)  # exact below 2^24
-    hi = jnp.minimum(jnp.max(bits, axis=-1, keepdims=True), inf) + 1  # NaN patterns lie above +inf
-    t = _bisect(lambda c: count(bits >= c) >= k, hi * 0, hi, vpasses)
-    above, ties = bits > t, bits == t
-    need = k - count(above)  # ≥ 1: t is the k-th largest
-    idx = lax.broadcasted_iota(jnp.int32, bits.shape, 1)
-    cut = _bisect(lambda p: count(ties & (idx < p)) < need, hi * 0, hi * 0 + d + 1, ipasses)
-    keep = above | (ties & (idx <= cut))
-    o_ref[...] = jnp.where(keep, x, jnp.zeros((), x.dtype))
+    o_ref[...] = jnp.where(_search(bits, k, d, inf, vpasses, ipasses), x, jnp.zeros((), x.dtype))
 
 
 def blocks_cost(rows: int, d: int, m: int, dtype) -> pl.CostEstimate:
@@ -140,6 +139,56 @@ def topk_blocks(x: jax.Array, n: int, m: int, block_rows: int | None = None, int
         cost_estimate=blocks_cost(rows, d, m, x.dtype),
         interpret=interpret,
         name="qsparse_topk_blocks",
+    )(x2)
+    return y.reshape(x.shape)
+
+
+def _search(bits, k: int, d: int, inf: int, vpasses: int, ipasses: int):
+    """The kept entries of each row of ``bits`` (``|x|``'s patterns; −1 for padding): the k-th largest
+    pattern ``t`` by bisection, then the first ``k − #(bits > t)`` ties by index (module docstring)."""
+    count = lambda m: jnp.sum(jnp.where(m, 1.0, 0.0), axis=-1, keepdims=True)  # exact below 2^24
+    hi = jnp.minimum(jnp.max(bits, axis=-1, keepdims=True), inf) + 1  # NaN patterns lie above +inf
+    t = _bisect(lambda c: count(bits >= c) >= k, hi * 0, hi, vpasses)
+    above, ties = bits > t, bits == t
+    need = k - count(above)  # ≥ 1: t is the k-th largest
+    idx = lax.broadcasted_iota(jnp.int32, bits.shape, 1)
+    cut = _bisect(lambda p: count(ties & (idx < p)) < need, hi * 0, hi * 0 + d + 1, ipasses)
+    return above | (ties & (idx <= cut))
+
+
+def _gpu_kernel(x_ref, o_ref, *, k: int, d: int, dp: int, sixteen: bool, vpasses: int, ipasses: int):
+    ok = lax.broadcasted_iota(jnp.int32, (1, dp), 1) < d
+    x = pltriton.load(x_ref.at[:, pl.ds(0, dp)], mask=ok, other=0)
+    bits = lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.int32)
+    inf = 0x7F800000
+    if sixteen:
+        bits, inf = lax.shift_right_logical(bits, 16), 0x7F80
+    keep = _search(jnp.where(ok, bits, -1), k, d, inf, vpasses, ipasses)
+    pltriton.store(o_ref.at[:, pl.ds(0, dp)], jnp.where(keep, x, jnp.zeros((), x.dtype)), mask=ok)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "num_warps", "interpret"))
+def topk_rows_gpu(x: jax.Array, k: int, num_warps: int | None = None, interpret: bool = False) -> jax.Array:
+    """``topk_rows`` for GPUs (Triton): one row per program, the row in registers (module docstring)."""
+    d = x.shape[-1]
+    if not 1 <= k <= d:
+        raise ValueError(f"k must be in [1, {d}], got {k}")
+    x2 = x.reshape(-1, d)
+    rows = x2.shape[0]
+    dp = 1 << (d - 1).bit_length()
+    warps = num_warps or max(4, min(32, dp // 512))  # ~16 entries of the row per thread at most
+    kernel = functools.partial(_gpu_kernel, k=k, d=d, dp=dp, sixteen=x.dtype == jnp.bfloat16,
+                               vpasses=value_passes(x.dtype), ipasses=index_passes(d))
+    y = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(x2.shape, x.dtype),
+        grid=(rows,),
+        in_specs=[pl.BlockSpec((1, d), lambda i: (i, 0))],
+        out_specs=pl.BlockSpec((1, d), lambda i: (i, 0)),
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=warps, num_stages=1),
+        cost_estimate=topk_cost(rows, d, x.dtype),
+        interpret=interpret,
+        name="qsparse_topk_rows_gpu",
     )(x2)
     return y.reshape(x.shape)
 

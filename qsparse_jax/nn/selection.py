@@ -6,7 +6,9 @@ materialized comparisons (N:M blocks of at most ``BLOCK_MAX``) — when the prog
 (``sharding.target_platform``: the mesh's devices, so a slice compiled from a CPU host counts), the
 selection is plain Q-Sparse (no rescale, the straight-through gradient) and the feature axis is not
 split over the mesh; everything else runs the XLA search of ``ops.topk`` (``xla``), and
-``statistical`` its approximate threshold. The kernel is a Pallas call, which GSPMD does not partition:
+``statistical`` its approximate threshold. ``fused`` requires a kernel: the TPU ones as ``auto``, and on
+GPUs ``kernels.pallas_topk.topk_rows_gpu`` (whole rows; opt-in because it has not yet run on a GPU, only
+in the interpreter and lowered to Triton), and is an error where none applies. The kernel is a Pallas call, which GSPMD does not partition:
 it runs under ``shard_map`` with the activation's rows split as the batch is and whole rows per shard.
 """
 
@@ -17,20 +19,25 @@ from functools import partial
 import jax
 from jax.ad_checkpoint import checkpoint_name
 
-from ..kernels.pallas_topk import BLOCK_MAX, topk_blocks, topk_rows
+from ..errors import ConfigError
+from ..kernels.pallas_topk import BLOCK_MAX, topk_blocks, topk_rows, topk_rows_gpu
 from ..ops.topk import topk_sparsify
 from .sharding import active_mesh, logical_to_spec, target_platform
 
 
-def fused_applies(x: jax.Array, block_size, rescale: str, grad: str) -> bool:
-    """Whether ``select=auto`` takes the fused kernel for this input here (module docstring)."""
+def fused_applies(x: jax.Array, block_size, rescale: str, grad: str, select: str = "auto") -> bool:
+    """Whether ``select`` (``auto`` or ``fused``) takes a fused kernel for this input here (module docstring)."""
     mesh = active_mesh()
     whole_rows = mesh is None or mesh.shape.get("tensor", 1) == 1
-    return (target_platform() == "tpu" and (block_size is None or block_size <= BLOCK_MAX) and rescale == "none"
-            and grad == "ste" and whole_rows and x.ndim >= 2)
+    platform = target_platform()
+    shapes = {"tpu": block_size is None or block_size <= BLOCK_MAX,
+              "gpu": block_size is None and select == "fused"}.get(platform, False)
+    return shapes and rescale == "none" and grad == "ste" and whole_rows and x.ndim >= 2
 
 
 def _fused(x, k, block_size):
+    if target_platform() == "gpu":
+        return topk_rows_gpu(x, k)
     return topk_rows(x, k) if block_size is None else topk_blocks(x, k, block_size)
 
 
@@ -54,8 +61,12 @@ def select_topk(x: jax.Array, k: int, *, block_size=None, rescale: str = "none",
                 select: str = "auto") -> jax.Array:
     """``x ⊙ Top_k(|x|)`` (Eq. 2–3) by the path ``select`` names (module docstring); the output is named
     ``TOPK_NAME`` (``jax.ad_checkpoint.checkpoint_name``) so a remat policy can keep it."""
-    if select == "auto" and fused_applies(x, block_size, rescale, grad):
+    if select in ("auto", "fused") and fused_applies(x, block_size, rescale, grad, select):
         y = _fused_ste(x, k, block_size)
+    elif select == "fused":
+        raise ConfigError(f"model.sparsity.select=fused: no fused selection kernel for this input on {target_platform()} "
+                         "(TPU: whole rows or N:M blocks of at most 64; GPU: whole rows; both: rescale none, grad ste, "
+                         "the feature axis not split over the mesh); use auto or xla")
     else:
         y = topk_sparsify(x, k, block_size=block_size, rescale=rescale, grad=grad,
                           select="xla" if select == "auto" else select)

@@ -29,7 +29,7 @@ import numpy as np
 from jax import lax
 
 GRADS = ("ste", "masked")
-SELECTS = ("auto", "xla", "statistical")  # exact (fused kernel where one applies / XLA search), approximate
+SELECTS = ("auto", "xla", "fused", "statistical")  # exact (fused kernel where one applies / XLA search / fused kernel required), approximate
 RESCALES = ("none", "l2_preserve")
 _FLOAT_COUNT_MIN = 128  # row length from which counting in float32 is faster (see _rows_topk_mask)
 
@@ -262,7 +262,8 @@ def topk_sparsify(x: jax.Array, k: int, *, block_size: int | None = None, rescal
     rescale: ``"none"`` (authors' code) or ``"l2_preserve"``: kept entries times ‖x‖/‖x ⊙ M‖ per row.
     grad: ``"ste"`` (Eq. 13, identity) or ``"masked"`` (Eq. 12, cotangent ⊙ M, times the rescale factor).
     select: ``"xla"``/``"auto"`` the exact search here (``auto`` means the fused kernel where the caller
-    has one, ``nn/selection.py``), ``"statistical"`` the approximate threshold (``statistical_mask``).
+    has one, ``fused`` that it must have one: ``nn/selection.py``), ``"statistical"`` the approximate
+    threshold (``statistical_mask``).
     """
     if rescale not in RESCALES:
         raise ValueError(f"rescale must be one of {RESCALES}, got {rescale!r}")

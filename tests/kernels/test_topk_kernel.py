@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import Mesh
 
+from qsparse_jax.errors import ConfigError
 from qsparse_jax.kernels import pallas_topk as kt
 from qsparse_jax.nn import selection
 from qsparse_jax.nn.sharding import activation_sharding
@@ -67,6 +68,45 @@ def test_block_kernel_keeps_exactly_n_of_every_m_like_the_xla_path(seed, rows, n
     assert y.dtype == x.dtype
     if not levels:  # no zeros drawn: the kept entries are visible as non-zeros, N in every block
         assert (np.asarray(y, np.float32).reshape(rows, d // m, m) != 0).sum(-1).tolist() == [[n] * (d // m)] * rows
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**16), rows=st.integers(1, 12), d=st.sampled_from([100, 128, 384, 1000]),
+       frac=st.floats(0.02, 1.0), dtype=st.sampled_from(["bfloat16", "float32"]), levels=st.sampled_from([0, 3]))
+def test_gpu_kernel_keeps_exactly_the_top_k_of_every_row(seed, rows, d, frac, dtype, levels):
+    """Interpret mode, the Triton form: ``x ⊙ topk_mask(x)`` exactly, rows whose width is not a power of 2
+    (padded in registers, masked at load and store) included; ``levels=3`` makes the tie cut matter."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, d))
+    if levels:
+        x = np.round(x * levels) / levels
+    x = jnp.asarray(x, dtype)
+    k = max(1, int(frac * d))
+    y = kt.topk_rows_gpu(x, k, interpret=True)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(jnp.where(topk_mask(x, k), x, 0), np.float32))
+
+
+@pytest.mark.parametrize("d", [4096, 11008])
+def test_gpu_kernel_lowers_to_triton_at_7b_shapes(d):
+    """Lowered for CUDA on this host: one Triton call per selection (not run: no GPU here)."""
+    f = jax.jit(lambda x: kt.topk_rows_gpu(x, int(0.7 * d)))
+    text = f.trace(jax.ShapeDtypeStruct((64, d), jnp.bfloat16)).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 1
+
+
+def test_select_fused_takes_the_gpu_kernel_only_when_asked_and_fails_where_no_kernel_applies(monkeypatch):
+    """On a GPU target ``auto`` keeps the XLA search (the Triton kernel has not run on a GPU yet) and ``fused``
+    takes the kernel; on CPU ``fused`` is a one-line ConfigError, not a silent XLA fallback."""
+    x = jax.random.normal(jax.random.key(0), (4, 100))
+    with pytest.raises(ConfigError, match="select=fused: no fused selection kernel for this input on cpu"):
+        selection.select_topk(x, 30, select="fused")
+    monkeypatch.setattr(selection, "target_platform", lambda: "gpu")
+    monkeypatch.setattr(selection, "topk_rows_gpu", lambda x, k: kt.topk_rows_gpu(x, k, interpret=True))
+    assert not selection.fused_applies(x, None, "none", "ste", "auto")
+    assert selection.fused_applies(x, None, "none", "ste", "fused")
+    assert not selection.fused_applies(x, 32, "none", "ste", "fused")  # N:M: the TPU kernel only
+    y = selection.select_topk(x, 30, select="fused")
+    np.testing.assert_array_equal(y, jnp.where(topk_mask(x, 30), x, 0))
 
 
 def test_block_kernel_rejects_a_block_that_does_not_divide_the_row():
