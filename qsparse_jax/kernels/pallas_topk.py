@@ -100,6 +100,25 @@ def _kernel(x_ref, o_ref, *, k: int, sixteen: bool, vpasses: int, ipasses: int):
     o_ref[...] = jnp.where(_search(bits, k, d, inf, vpasses, ipasses), x, jnp.zeros((), x.dtype))
 
 
+def _by_rows(kernel, x: jax.Array, br: int, params, cost: pl.CostEstimate, name: str, interpret: bool) -> jax.Array:
+    """``kernel`` over the rows of ``x`` (leading axes flattened) in blocks of ``br`` whole rows; output like ``x``.
+    Rows past the end of the last block are computed on whatever the buffer holds and never written back."""
+    d = x.shape[-1]
+    x2 = x.reshape(-1, d)
+    y = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(x2.shape, x.dtype),
+        grid=(pl.cdiv(x2.shape[0], br),),
+        in_specs=[pl.BlockSpec((br, d), lambda i: (i, 0))],
+        out_specs=pl.BlockSpec((br, d), lambda i: (i, 0)),
+        compiler_params=None if interpret else params,
+        cost_estimate=cost,
+        interpret=interpret,
+        name=name,
+    )(x2)
+    return y.reshape(x.shape)
+
+
 def blocks_cost(rows: int, d: int, m: int, dtype) -> pl.CostEstimate:
     """What ``topk_blocks`` declares: one read and one write of ``x``; 7 vector ops per entry per shift."""
     nbytes = rows * d * jnp.dtype(dtype).itemsize
@@ -126,21 +145,10 @@ def topk_blocks(x: jax.Array, n: int, m: int, block_rows: int | None = None, int
     d = x.shape[-1]
     if not (1 <= m <= BLOCK_MAX and d % m == 0 and 1 <= n <= m):
         raise ValueError(f"N:M needs 1 <= N <= M <= {BLOCK_MAX} and M dividing the feature size {d}, got {n}:{m}")
-    x2 = x.reshape(-1, d)
-    rows = x2.shape[0]
-    br = block_rows or block_rows_for(d, rows)
-    y = pl.pallas_call(
-        functools.partial(_blocks_kernel, n=n, m=m),
-        out_shape=jax.ShapeDtypeStruct(x2.shape, x.dtype),
-        grid=(pl.cdiv(rows, br),),
-        in_specs=[pl.BlockSpec((br, d), lambda i: (i, 0))],
-        out_specs=pl.BlockSpec((br, d), lambda i: (i, 0)),
-        compiler_params=None if interpret else pltpu.CompilerParams(dimension_semantics=("parallel",)),
-        cost_estimate=blocks_cost(rows, d, m, x.dtype),
-        interpret=interpret,
-        name="qsparse_topk_blocks",
-    )(x2)
-    return y.reshape(x.shape)
+    rows = x.size // d
+    return _by_rows(functools.partial(_blocks_kernel, n=n, m=m), x, block_rows or block_rows_for(d, rows),
+                    pltpu.CompilerParams(dimension_semantics=("parallel",)), blocks_cost(rows, d, m, x.dtype),
+                    "qsparse_topk_blocks", interpret)
 
 
 def _search(bits, k: int, d: int, inf: int, vpasses: int, ipasses: int):
@@ -173,24 +181,12 @@ def topk_rows_gpu(x: jax.Array, k: int, num_warps: int | None = None, interpret:
     d = x.shape[-1]
     if not 1 <= k <= d:
         raise ValueError(f"k must be in [1, {d}], got {k}")
-    x2 = x.reshape(-1, d)
-    rows = x2.shape[0]
     dp = 1 << (d - 1).bit_length()
     warps = num_warps or max(4, min(32, dp // 512))  # ~16 entries of the row per thread at most
     kernel = functools.partial(_gpu_kernel, k=k, d=d, dp=dp, sixteen=x.dtype == jnp.bfloat16,
                                vpasses=value_passes(x.dtype), ipasses=index_passes(d))
-    y = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct(x2.shape, x.dtype),
-        grid=(rows,),
-        in_specs=[pl.BlockSpec((1, d), lambda i: (i, 0))],
-        out_specs=pl.BlockSpec((1, d), lambda i: (i, 0)),
-        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=warps, num_stages=1),
-        cost_estimate=topk_cost(rows, d, x.dtype),
-        interpret=interpret,
-        name="qsparse_topk_rows_gpu",
-    )(x2)
-    return y.reshape(x.shape)
+    return _by_rows(kernel, x, 1, pltriton.CompilerParams(num_warps=warps, num_stages=1),
+                    topk_cost(x.size // d, d, x.dtype), "qsparse_topk_rows_gpu", interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "block_rows", "interpret"))
@@ -199,20 +195,9 @@ def topk_rows(x: jax.Array, k: int, block_rows: int | None = None, interpret: bo
     d = x.shape[-1]
     if not 1 <= k <= d:
         raise ValueError(f"k must be in [1, {d}], got {k}")
-    x2 = x.reshape(-1, d)
-    rows = x2.shape[0]
-    br = block_rows or block_rows_for(d, rows)
+    rows = x.size // d
     kernel = functools.partial(_kernel, k=k, sixteen=x.dtype == jnp.bfloat16, vpasses=value_passes(x.dtype),
                                ipasses=index_passes(d))
-    y = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct(x2.shape, x.dtype),
-        grid=(pl.cdiv(rows, br),),
-        in_specs=[pl.BlockSpec((br, d), lambda i: (i, 0))],
-        out_specs=pl.BlockSpec((br, d), lambda i: (i, 0)),
-        compiler_params=None if interpret else pltpu.CompilerParams(dimension_semantics=("parallel",)),
-        cost_estimate=topk_cost(rows, d, x.dtype),
-        interpret=interpret,
-        name="qsparse_topk_rows",
-    )(x2)
-    return y.reshape(x.shape)
+    return _by_rows(kernel, x, block_rows or block_rows_for(d, rows),
+                    pltpu.CompilerParams(dimension_semantics=("parallel",)), topk_cost(rows, d, x.dtype),
+                    "qsparse_topk_rows", interpret)

@@ -32,17 +32,19 @@ MUST_HAVE = bool(os.environ.get("CI")) and sys.platform == "linux" and platform.
 needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU and not MUST_HAVE, reason="libtpu is not installed (Linux x86-64 only)")
 
 
+def draw(seed, rows, d, levels, dtype):
+    """Normal rows; ``levels`` > 0 rounds them to multiples of 1/levels (few values: many ties)."""
+    x = np.random.default_rng(seed).normal(size=(rows, d))
+    return jnp.asarray(np.round(x * levels) / levels if levels else x, dtype)
+
+
 @settings(max_examples=8, deadline=None)
 @given(seed=st.integers(0, 2**16), rows=st.integers(1, 40), d=st.sampled_from([128, 256, 384]),
        frac=st.floats(0.02, 1.0), dtype=st.sampled_from(["bfloat16", "float32"]), levels=st.sampled_from([0, 3]))
 def test_kernel_keeps_exactly_the_top_k_of_every_row(seed, rows, d, frac, dtype, levels):
     """Interpret mode: the kernel's output is ``x ⊙ topk_mask(x)`` exactly, rows not a multiple of the
     block included; ``levels=3`` rounds the input to a few values, so most rows need the tie cut."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(rows, d))
-    if levels:
-        x = np.round(x * levels) / levels
-    x = jnp.asarray(x, dtype)
+    x = draw(seed, rows, d, levels, dtype)
     k = max(1, int(frac * d))
     y = kt.topk_rows(x, k, block_rows=16, interpret=True)
     np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(jnp.where(topk_mask(x, k), x, 0), np.float32))
@@ -57,11 +59,7 @@ def test_block_kernel_keeps_exactly_n_of_every_m_like_the_xla_path(seed, rows, n
     path), so exactly N per block; ``levels=2`` rounds the input to a few values, so blocks are full of ties."""
     n, m = nm
     d = 128 * d_blocks
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(rows, d))
-    if levels:
-        x = np.round(x * levels) / levels
-    x = jnp.asarray(x, dtype)
+    x = draw(seed, rows, d, levels, dtype)
     y = kt.topk_blocks(x, n, m, block_rows=16, interpret=True)
     want = jnp.where(topk_mask(x, n, block_size=m), x, 0)
     np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(want, np.float32))
@@ -76,11 +74,7 @@ def test_block_kernel_keeps_exactly_n_of_every_m_like_the_xla_path(seed, rows, n
 def test_gpu_kernel_keeps_exactly_the_top_k_of_every_row(seed, rows, d, frac, dtype, levels):
     """Interpret mode, the Triton form: ``x ⊙ topk_mask(x)`` exactly, rows whose width is not a power of 2
     (padded in registers, masked at load and store) included; ``levels=3`` makes the tie cut matter."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(rows, d))
-    if levels:
-        x = np.round(x * levels) / levels
-    x = jnp.asarray(x, dtype)
+    x = draw(seed, rows, d, levels, dtype)
     k = max(1, int(frac * d))
     y = kt.topk_rows_gpu(x, k, interpret=True)
     np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(jnp.where(topk_mask(x, k), x, 0), np.float32))
