@@ -323,19 +323,25 @@ def test_remat_dots_topk_runs_each_selection_once():
     from qsparse_jax.nn.model import with_config
 
     t = jax.random.randint(jax.random.key(0), (2, 8), 0, 256)
-    base = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=64,
-                                   sparsity=SparsityConfig.uniform(0.3)), rngs=nnx.Rngs(0))
-    loops = {}
-    for policy in ("none", "dots", "dots_topk"):
-        apply, params = functional(with_config(base, remat=policy))
-        f = jax.grad(lambda p: jnp.mean(apply(p, t) ** 2))
-        loops[policy] = jax.jit(f).lower(params).compile().as_text().count(" while(")
-    forward = jax.jit(lambda p: apply(p, t)).lower(params).compile().as_text().count(" while(")
-    assert forward >= 2 * 4  # two blocks x (q/k/v, out, gate/up, down inputs): a search loop or more each
-    # without remat the gradient runs each selection loop once, as the forward does (XLA:CPU's loop emitters,
-    # which the tests use, add one loop of their own to the gradient program); dots_topk keeps that, dots reruns them
-    assert loops["none"] == loops["dots_topk"] >= forward
-    assert loops["dots"] > loops["none"]  # (XLA merges a few of the recomputed loops with the forward ones)
+
+    def while_loops(sparsity):
+        """``while`` loops in the compiled forward and in the compiled gradient under each remat policy."""
+        base = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                       sparsity=SparsityConfig.uniform(sparsity)), rngs=nnx.Rngs(0))
+        loops = {}
+        for policy in ("none", "dots", "dots_topk"):
+            apply, params = functional(with_config(base, remat=policy))
+            f = jax.grad(lambda p: jnp.mean(apply(p, t) ** 2))
+            loops[policy] = jax.jit(f).lower(params).compile().as_text().count(" while(")
+        loops["forward"] = jax.jit(lambda p: apply(p, t)).lower(params).compile().as_text().count(" while(")
+        return loops
+
+    # the selections' loops: those of the Q-Sparse model less those of the same model without top-K (XLA's own)
+    sparse, dense = while_loops(0.3), while_loops(0.0)
+    selections = {k: sparse[k] - dense[k] for k in sparse}
+    assert selections["forward"] >= 2 * 4  # two blocks x (q/k/v, out, gate/up, down inputs): a search loop or more each
+    assert selections["none"] == selections["dots_topk"] == selections["forward"]
+    assert selections["dots"] > selections["forward"]  # (XLA merges a few of the recomputed loops with the forward ones)
 
 
 def _scanned_copy(model):
