@@ -271,6 +271,8 @@ def topk_sparsify(x: jax.Array, k: int, *, block_size: int | None = None, rescal
         raise ValueError(f"grad must be one of {GRADS}, got {grad!r}")
     if select not in SELECTS:
         raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
+    if select == "fused":  # a kernel: nn.selection.select_topk runs it; here it would silently be the XLA search
+        raise ValueError("select='fused' needs a fused kernel: call nn.selection.select_topk; here auto, xla or statistical")
     _check(x, k, block_size)
     if select == "statistical":
         if block_size is not None or rescale != "none" or grad != "ste":

@@ -25,7 +25,7 @@ from qsparse_jax.errors import ConfigError
 from qsparse_jax.kernels import pallas_topk as kt
 from qsparse_jax.nn import selection
 from qsparse_jax.nn.sharding import activation_sharding
-from qsparse_jax.ops.topk import topk_mask
+from qsparse_jax.ops.topk import topk_mask, topk_sparsify
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 MUST_HAVE = bool(os.environ.get("CI")) and sys.platform == "linux" and platform.machine() == "x86_64"
@@ -94,6 +94,8 @@ def test_select_fused_takes_the_gpu_kernel_only_when_asked_and_fails_where_no_ke
     x = jax.random.normal(jax.random.key(0), (4, 100))
     with pytest.raises(ConfigError, match="select=fused: no fused selection kernel for this input on cpu"):
         selection.select_topk(x, 30, select="fused")
+    with pytest.raises(ValueError, match="select='fused' needs a fused kernel"):
+        topk_sparsify(x, 30, select="fused")  # the XLA layer itself never stands in for a kernel
     monkeypatch.setattr(selection, "target_platform", lambda: "gpu")
     monkeypatch.setattr(selection, "topk_rows_gpu", lambda x, k: kt.topk_rows_gpu(x, k, interpret=True))
     assert not selection.fused_applies(x, None, "none", "ste", "auto")
