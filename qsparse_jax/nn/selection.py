@@ -9,7 +9,8 @@ split over the mesh; everything else runs the XLA search of ``ops.topk`` (``xla`
 ``statistical`` its approximate threshold. ``fused`` requires a kernel: the TPU ones as ``auto``, and on
 GPUs ``kernels.pallas_topk.topk_rows_gpu`` (whole rows; opt-in because it has not yet run on a GPU, only
 in the interpreter and lowered to Triton), and is an error where none applies. The kernel is a Pallas
-call, which GSPMD does not partition: it runs under ``shard_map`` with the activation's rows split as the batch is and whole rows per shard.
+call, which GSPMD does not partition: it runs under ``shard_map`` with the activation's rows split as
+the batch is and whole rows per shard.
 """
 
 from __future__ import annotations
