@@ -138,7 +138,9 @@ def gather_matmul(count, idx, qg, data, *, bits, bk=BK, splits=SPLITS, interpret
     idx = jnp.pad(idx.astype(jnp.int32), (0, rp - r))
     out_shape = jax.ShapeDtypeStruct((splits, j, mp, c), jnp.int32)
     in_specs = [pl.BlockSpec((mp, bk), lambda s, l, n, ix: (0, s * steps + l)),
-                pl.BlockSpec(memory_space=pl.ANY)]
+                pl.BlockSpec(memory_space=pltpu.HBM)]
+    if not interpret:  # keep the weight in HBM: XLA would otherwise prefetch it whole into VMEM
+        data = pltpu.with_memory_space_constraint(data, pltpu.HBM)
     args, aliases = (count.astype(jnp.int32).reshape(1), idx, qg, data), {}
     if out_init is not None:
         if out_init.shape != out_shape.shape or out_init.dtype != out_shape.dtype:

@@ -270,7 +270,10 @@ def pack_for_inference(model: nnx.Module, bits: float = 2, layout: str = "auto")
     ``layout``: ``"bytes"`` (uint8, read by the CPU and GPU paths), ``"tpu"`` (``kernels.tpu_layout``:
     uint32 words, columns a multiple of 128, so the TPU decode kernel copies only the kept rows by DMA
     and no relayout copy precedes a call), or ``"auto"``: ``"tpu"`` when the program is compiled for a
-    TPU (``sharding.target_platform``: the active mesh's devices, else the default backend)."""
+    TPU (``sharding.target_platform``: the active mesh's devices, else the default backend).
+
+    The copy is for inference: its packed projections hold no float weight or mask (both are in the
+    packed words), so it cannot be trained or exported; ``model`` itself keeps them."""
     if layout not in PACK_LAYOUTS:
         raise ValueError(f"layout must be one of {PACK_LAYOUTS}, got {layout!r}")
     if layout == "auto":
@@ -282,6 +285,9 @@ def pack_for_inference(model: nnx.Module, bits: float = 2, layout: str = "auto")
             w = m.masked_weight()
             pack = lambda w: pack_ternary(w, bits, **words)
             m.packed = nnx.data(PackedWeight(jax.vmap(pack)(w) if w.ndim == 3 else pack(w)))  # scan_layers: stacked
+            # the packed copy is all the projection reads from now on: the float weight (16x the 2-bit
+            # words in float32) and the mask already in it are dropped, not carried beside it
+            m.weight = m.mask = None
     return model
 
 

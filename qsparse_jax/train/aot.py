@@ -284,12 +284,12 @@ def decode_programs(model_cfg, mesh, batch: int, prompt_len: int, new_tokens: in
     return pre, dec, params, cache
 
 
-def _decode_step_cost(model_cfg, mesh, batch: int, max_len: int, bits: float) -> tuple[dict, str | None, float]:
-    """One decode step compiled alone, every layer unrolled: XLA's cost analysis counts a loop's body once
-    (the decode loop's, and the layer scan's with ``scan_layers``), and extrapolating from one, two and
-    four unrolled layers does not work here (7B on v5e-8, bytes per step: 0.82, 1.76, 3.09 GB; 7.92 at
-    eight layers: XLA partitions deeper programs differently). The KV cache is sharded as attention
-    constrains it. Returns (cost, kernel kind, seconds to compile)."""
+def compile_decode_step(model_cfg, mesh, batch: int, max_len: int, bits: float):
+    """One decode step compiled alone for ``mesh``, every layer unrolled: XLA's cost analysis counts a loop's
+    body once (the decode loop's, and the layer scan's with ``scan_layers``), and extrapolating from one,
+    two and four unrolled layers does not work here (7B on v5e-8, bytes per step: 0.82, 1.76, 3.09 GB;
+    7.92 at eight layers: XLA partitions deeper programs differently). The KV cache is sharded as
+    attention constrains it."""
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -302,9 +302,14 @@ def _decode_step_cost(model_cfg, mesh, batch: int, max_len: int, bits: float) ->
                          jax.eval_shape(lambda: init_cache(m, batch, max_len)))
     tok = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rep)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
-    t0 = time.perf_counter()
     with activation_sharding(mesh):
-        compiled = jax.jit(step).lower(params, tok, cache, key).compile()
+        return jax.jit(step).lower(params, tok, cache, key).compile()
+
+
+def _decode_step_cost(model_cfg, mesh, batch: int, max_len: int, bits: float) -> tuple[dict, str | None, float]:
+    """``compile_decode_step``'s (cost, kernel kind, seconds to compile)."""
+    t0 = time.perf_counter()
+    compiled = compile_decode_step(model_cfg, mesh, batch, max_len, bits)
     return (*_step_cost(compiled), time.perf_counter() - t0)
 
 

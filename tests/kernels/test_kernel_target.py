@@ -28,6 +28,8 @@ from qsparse_jax.kernels import pack_ternary, qsparse_matmul
 from qsparse_jax.nn.sharding import make_mesh
 from qsparse_jax.train.aot import (
     PROJECTION_KERNELS,
+    _cost,
+    compile_decode_step,
     decode_params,
     decode_programs,
     decode_report,
@@ -91,6 +93,27 @@ def test_decode_packs_words_for_a_tpu_mesh_and_bytes_for_a_cpu_one(v5e8):
     assert len(tpu) == len(cpu) == 7
     assert all(a.dtype == jnp.uint32 and a.shape[1] % 128 == 0 for a in tpu)
     assert all(a.dtype == jnp.uint8 for a in cpu)
+
+
+@pytest.mark.libtpu
+@needs_libtpu
+def test_v5p_decode_step_reads_packed_weights_in_place_and_has_a_time_estimate(tpu_slice):
+    """The kept-row kernel gets its weight in HBM: XLA may not prefetch it whole into VMEM (a copy to memory
+    space S(1) reads every row), and the kept-row list is built on the TensorCore: ``jnp.nonzero``'s scatter
+    would go to the v5p SparseCore, which XLA's cost model leaves without a time and counts at 34 MB for
+    one 4096-wide row. Seven projections of one small layer on v5p-8, batch 1."""
+    cfg = _cfg("on")
+    mesh = make_mesh(cfg.mesh, tpu_slice("v5p-8"))
+    packed = {f"u32[{a.shape[0]},{a.shape[1]}]" for p, a in jax.tree_util.tree_leaves_with_path(
+        decode_params(cfg.model, mesh, 2)[1]) if "packed" in jax.tree_util.keystr(p) and a.ndim == 2}
+    compiled = compile_decode_step(cfg.model, mesh, 1, 12, 2)
+    text = compiled.as_text()
+    assert kernel_calls(text)["names"].get("qsparse_tpu_decode_kept_rows") == 7 and packed
+    in_vmem = [line for line in text.splitlines() for w in packed if f"{w}{{" in line and "S(1)}" in line]
+    assert not in_vmem, in_vmem[:2]
+    assert "sparsecore" not in text
+    cost = _cost(compiled)
+    assert cost["seconds"] > 0
 
 
 def test_auto_lowers_to_the_target_platform_form():

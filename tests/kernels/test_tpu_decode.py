@@ -128,7 +128,7 @@ def test_bytes_from_the_dmas_and_the_declared_cost(d, n):
                 jax.ShapeDtypeStruct((1, k), jnp.int8), jax.ShapeDtypeStruct((d, c), jnp.uint32))
         eqn = _pallas_eqn(functools.partial(kp.gather_matmul, bits=2, target="tpu"), *args)
         copies = _dma_copies(eqn.params["jaxpr"])
-        assert copies and set(copies) == {("any", (1, c), jnp.dtype(jnp.uint32))}  # only whole word rows
+        assert copies and set(copies) == {("hbm", (1, c), jnp.dtype(jnp.uint32))}  # only whole word rows, from HBM
         got = dk.copied_bytes(k, 1, c)
         assert got["weight"] == k * c * 4  # one row DMA per kept feature
         assert eqn.params["cost_estimate"].bytes_accessed == got["total"]
