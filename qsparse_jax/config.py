@@ -342,6 +342,8 @@ def _coerce(value, tp, key: str):
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:  # YAML 1.1 booleans
+            return _BOOL_WORDS[value.lower()]
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -378,6 +380,23 @@ def from_dict(cls, data: dict, prefix: str = ""):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with the 1.2 booleans: only true / false are booleans, so ``kernels: on`` (a word our options
+    use) stays the string ``on``; a bool key still takes yes / no / on / off (``_coerce``)."""
+
+
+_Loader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+                                   for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _first in "tTfF":
+    _Loader.yaml_implicit_resolvers.setdefault(_first, []).insert(
+        0, ("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")))
+_BOOL_WORDS = {"yes": True, "on": True, "true": True, "no": False, "off": False, "false": False}
+
+
+def _yaml(text):
+    return yaml.load(text, Loader=_Loader)
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, in place."""
     for item in overrides:
@@ -385,7 +404,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key=value, e.g. optim.lr=1e-3")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = _yaml(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         node, parts = data, key.split(".")
@@ -403,7 +422,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     if path is not None:
         try:
             with open(path) as f:
-                data = yaml.safe_load(f) or {}
+                data = _yaml(f) or {}
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
         except yaml.YAMLError as e:

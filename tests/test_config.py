@@ -81,6 +81,21 @@ def test_overrides_are_typed_and_nested():
     assert cfg.optim.clip_norm is None and cfg.train.steps == 7
 
 
+def test_on_and_off_are_words_for_string_keys_and_booleans_for_bool_keys(tmp_path):
+    """YAML 1.1 reads on / off / yes / no as booleans: ``model.kernels=on`` was refused as "must be a str, got
+    True". Only true / false are booleans now; a bool key still takes the other words, in overrides and files."""
+    bitnet = ["model.weight_bits=1.58", "model.act_bits=8"]
+    assert load_config("configs/tiny.yaml", [*bitnet, "model.kernels=on"]).model.kernels == "on"
+    assert load_config("configs/tiny.yaml", [*bitnet, "model.kernels=off"]).model.kernels == "off"
+    for word, value in (("no", False), ("off", False), ("false", False), ("yes", True), ("On", True), ("true", True)):
+        assert load_config("configs/tiny.yaml", [f"checkpoint.async_save={word}"]).checkpoint.async_save is value
+    f = tmp_path / "c.yaml"
+    f.write_text("model: {weight_bits: 1.58, act_bits: 8, kernels: on, tie_embeddings: yes}\n"
+                 "checkpoint: {async_save: off}\n")
+    cfg = load_config(str(f))
+    assert cfg.model.kernels == "on" and cfg.model.tie_embeddings is True and cfg.checkpoint.async_save is False
+
+
 @pytest.mark.parametrize("override,msg", [
     ("modle.dim=3", "unknown config key 'modle'"),
     ("model.sparsity.qvk=0.1", "unknown config key 'model.sparsity.qvk'"),
