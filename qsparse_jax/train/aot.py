@@ -319,6 +319,13 @@ def _names(path) -> list[str]:
     return [n for n in names if n != "value"]
 
 
+def _is_projection_weight(names: list[str]) -> bool:
+    """A projection's weight: its float ``weight``, or the ``data`` of its packed copy (which replaces it)."""
+    if names[-1:] == ["weight"]:
+        return len(names) > 1 and names[-2] in PROJECTIONS
+    return names[-2:] == ["packed", "data"] and len(names) > 2 and names[-3] in PROJECTIONS
+
+
 def _kept_share(model_cfg, group: str, in_features: int, batch: int) -> float:
     """Expected share of a projection's input rows that some token of the batch keeps, 1 − (1 − k/D)^B
     (tokens taken as independent); 1 for a dense projection."""
@@ -392,7 +399,7 @@ def decode_report(cfg: Config, topology: str | None = None, batch: int = 1, prom
     step, kind, step_seconds = _decode_step_cost(cfg.model, mesh, batch, prompt_len + new_tokens, bits)
     calls = {k.split(":", 1)[1]: v for k, v in step.items() if k.startswith("calls:")}
     projections = sum(a.shape[0] if a.ndim == 3 else 1 for p, a in jax.tree_util.tree_leaves_with_path(params)
-                      if _names(p)[-1] == "weight" and _names(p)[-2:-1] in ([n] for n in PROJECTIONS))
+                      if _is_projection_weight(_names(p)))
     out = {"topology": topology or f"{len(devices)} local {platform} device(s)", "devices": len(devices),
            "chip": chip.name if chip else None, "mesh": {k: int(v) for k, v in mesh.shape.items()},
            "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,

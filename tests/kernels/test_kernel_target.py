@@ -28,7 +28,10 @@ from qsparse_jax.kernels import pack_ternary, qsparse_matmul
 from qsparse_jax.nn.sharding import make_mesh
 from qsparse_jax.train.aot import (
     PROJECTION_KERNELS,
+    PROJECTIONS,
     _cost,
+    _is_projection_weight,
+    _names,
     compile_decode_step,
     decode_params,
     decode_programs,
@@ -167,6 +170,17 @@ def test_must_read_counts_the_packed_weights_not_the_float_ones():
     assert r["all"] == pytest.approx(packed + rest + kv)
     keep = 1 - 0.3  # every group keeps 70 %: the kept rows share of each packed weight (not of the scales)
     assert r["kept"] == pytest.approx(r["all"] - (1 - keep) * (packed - 7 * 4), rel=1e-3)
+
+
+def test_packed_copy_carries_no_float_weight_and_still_counts_as_the_projection():
+    """``pack_for_inference`` drops each packed projection's float weight (16x its 2-bit words in float32);
+    the report's "N of M projections" counts the packed copies instead (it read "224 of 0" once)."""
+    on, off = _cfg("on"), _cfg("off")
+    mesh = make_mesh(on.mesh, jax.devices()[:1])
+    names = lambda params: [_names(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    packed, plain = names(decode_params(on.model, mesh, 2)[1]), names(decode_params(off.model, mesh, 2)[1])
+    assert not any(n[-1] == "weight" and n[-2] in PROJECTIONS for n in packed)
+    assert sum(map(_is_projection_weight, packed)) == sum(map(_is_projection_weight, plain)) == 7
 
 
 def test_report_says_what_the_estimate_leaves_out():
