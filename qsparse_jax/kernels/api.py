@@ -98,8 +98,11 @@ def _pallas_accumulate(q, w: PackedTernary, decode: bool, rows: int, target: str
     the default backend's forms, run by the interpreter)."""
     # TPU decode reads only the kept rows by DMA, which needs whole 32-bit word rows (packing.tpu_layout)
     if decode and (interpret or target == "gpu" or (target == "tpu" and w.data.dtype == jnp.uint32)):
-        idx, count = _ref.kept_rows(q, rows, by="sort" if target == "tpu" else "scatter")
-        qg = _ref.gather_columns(q, idx, count)
+        if target == "tpu":  # one on-chip sort (no SparseCore scatter, no column gather)
+            idx, count, qg = _ref.kept_rows_sorted(q, rows)
+        else:
+            idx, count = _ref.kept_rows(q, rows)
+            qg = _ref.gather_columns(q, idx, count)
         acc = _pallas.gather_matmul(count[None], idx, qg, w.data, bits=w.bits, interpret=interpret, target=target)
     else:  # the batched kernel (also TPU decode of bytes: Mosaic has no vector gather from a ref)
         acc = _pallas.matmul(q, w.data, bits=w.bits, interpret=interpret, target=target)

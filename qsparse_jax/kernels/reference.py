@@ -56,23 +56,29 @@ def accumulate_f32(q: jax.Array, w: PackedTernary, dtype=jnp.float32) -> jax.Arr
     return y.astype(jnp.int32)
 
 
-def kept_rows(q: jax.Array, rows: int, by: str = "scatter") -> tuple[jax.Array, jax.Array]:
-    """Indices of the input features that are non-zero in any token, ascending, padded to ``rows``.
+def kept_rows(q: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
+    """Indices of the input features that are non-zero in any token, padded to ``rows`` with 0.
 
-    Returns ``(idx int32 [rows], count int32 [])``. Rows past ``count`` point at some feature and
-    are paired with zero activations by the caller, so they add nothing. ``by``: ``"scatter"``
-    (``jnp.nonzero``: a cumulative sum and a scatter, cheapest on CPU and GPU; padding 0) or ``"sort"``
-    (a stable sort of the kept flags: one on-chip sort on TPU, where XLA would send ``nonzero``'s
-    scatter to the v5p SparseCore, which its cost model neither times nor counts small; padding: the
-    dropped features, ascending)."""
+    Returns ``(idx int32 [rows], count int32 [])``. Rows past ``count`` point at feature 0 and
+    are paired with zero activations by the caller, so they add nothing."""
     nz = jnp.any(q != 0, axis=0)
-    if by == "sort":
-        idx = jnp.argsort(~nz, stable=True)[:rows]
-    elif by == "scatter":
-        (idx,) = jnp.nonzero(nz, size=rows, fill_value=0)
-    else:
-        raise ValueError(f"by must be 'scatter' or 'sort', got {by!r}")
+    (idx,) = jnp.nonzero(nz, size=rows, fill_value=0)
     return idx.astype(jnp.int32), jnp.sum(nz, dtype=jnp.int32)
+
+
+def kept_rows_sorted(q: jax.Array, rows: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``kept_rows`` and ``gather_columns`` in one stable sort, for TPU: ``(idx, count, qg)``.
+
+    The features' kept flags are the sort key; the feature indices and each token's activations ride
+    along as values, so the kept features come first, ascending, with their columns. The first ``count``
+    entries equal ``kept_rows``'s; past them come features no token keeps, whose activations are all zero,
+    so ``qg`` needs no masking. On TPU this is one on-chip sort, where ``jnp.nonzero``'s scatter goes to
+    the v5p SparseCore (XLA's cost model leaves it without a time and counts 34 MB for one 4096-wide row)
+    and the column gather ``q[:, idx]`` is costed at ~10x the sort (benchmarks/RESULTS.md, decode)."""
+    nz = jnp.any(q != 0, axis=0)
+    m, d = q.shape
+    out = jax.lax.sort((~nz, jnp.arange(d, dtype=jnp.int32), *q), num_keys=1, is_stable=True)
+    return out[1][:rows], jnp.sum(nz, dtype=jnp.int32), jnp.stack(out[2:])[:, :rows]
 
 
 def gather_columns(q: jax.Array, idx: jax.Array, count: jax.Array) -> jax.Array:

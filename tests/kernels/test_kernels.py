@@ -134,18 +134,23 @@ def test_poisoned_output_catches_an_unwritten_tile():
 @settings(max_examples=20, deadline=None)
 @given(m=st.integers(1, 12), d=st.integers(1, 300), keep=st.floats(0.0, 1.0), seed=st.integers(0, 2**31))
 @example(m=3, d=200, keep=0.3, seed=1)
-def test_kept_rows_by_sort_and_by_scatter_list_the_same_features_ascending(m, d, keep, seed):
-    """The TPU path compacts the kept flags by a sort (``by="sort"``), CPU and GPU by ``jnp.nonzero``: the first
-    ``count`` indices are the features some token keeps, ascending, in both; the padding is any feature."""
+def test_kept_rows_by_one_sort_equal_nonzero_and_the_column_gather(m, d, keep, seed):
+    """The TPU path lists the kept features and gathers their columns in one stable sort
+    (``kept_rows_sorted``); CPU and GPU by ``jnp.nonzero`` and a gather: the first ``count`` indices are the
+    features some token keeps, ascending, in both, and the gathered int8 columns are equal bit for bit
+    (the sort's padding columns are features no token keeps: zeros, like the masked gather's)."""
     rng = np.random.default_rng(seed)
     q = jnp.asarray(np.where(rng.random((m, d)) < keep, rng.integers(-127, 128, (m, d)), 0).astype(np.int8))
     rows = min(d, m * max(1, int(keep * d)))
     want = np.flatnonzero(np.asarray(q != 0).any(axis=0))[:rows]
-    for by in ("scatter", "sort"):
-        idx, count = ref.kept_rows(q, rows, by=by)
-        assert idx.shape == (rows,) and idx.dtype == jnp.int32 and int(count) == np.count_nonzero(np.asarray(q).any(0))
-        np.testing.assert_array_equal(np.asarray(idx)[:int(count)], want)
-        assert ((0 <= np.asarray(idx)) & (np.asarray(idx) < d)).all()
+    idx, count = ref.kept_rows(q, rows)
+    sidx, scount, sqg = ref.kept_rows_sorted(q, rows)
+    n = int(count)
+    assert n == int(scount) == np.count_nonzero(np.asarray(q).any(0)) and sidx.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(idx)[:n], want)
+    np.testing.assert_array_equal(np.asarray(sidx)[:n], want)
+    assert ((0 <= np.asarray(sidx)) & (np.asarray(sidx) < d)).all()
+    np.testing.assert_array_equal(sqg, ref.gather_columns(q, idx, count))
 
 
 @settings(max_examples=3)
