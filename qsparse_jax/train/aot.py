@@ -303,7 +303,8 @@ def compile_decode_step(model_cfg, mesh, batch: int, max_len: int, bits: float):
     tok = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rep)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
     with activation_sharding(mesh):
-        return jax.jit(step).lower(params, tok, cache, key).compile()
+        # the cache donated, as the generate loop carries it (updated in place, not copied per step)
+        return jax.jit(step, donate_argnums=2).lower(params, tok, cache, key).compile()
 
 
 def _decode_step_cost(model_cfg, mesh, batch: int, max_len: int, bits: float) -> tuple[dict, str | None, float]:
