@@ -131,9 +131,10 @@ def test_poisoned_output_catches_an_unwritten_tile():
     assert not np.array_equal(broken, ref.accumulate_reference(q, w))
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(m=st.integers(1, 12), d=st.integers(1, 300), keep=st.floats(0.0, 1.0), seed=st.integers(0, 2**31))
 @example(m=3, d=200, keep=0.3, seed=1)
+@example(m=8, d=300, keep=0.05, seed=2)  # most features dropped: the sort's padding is most of the list
 def test_kept_rows_by_one_sort_equal_nonzero_and_the_column_gather(m, d, keep, seed):
     """The TPU path lists the kept features and gathers their columns in one stable sort
     (``kept_rows_sorted``); CPU and GPU by ``jnp.nonzero`` and a gather: the first ``count`` indices are the
