@@ -41,6 +41,19 @@ def test_exactly_k_kept_per_row_and_they_are_the_largest(shape, seed, frac):
         assert (np.where(mask, np.abs(x), np.inf).min(-1) >= np.where(mask, -np.inf, np.abs(x)).max(-1)).all()
 
 
+def test_many_rows_on_cpu_are_searched_in_independent_groups_with_the_same_mask():
+    """Compiled for CPU with no mesh, 256+ rows are searched in ``CPU_ROW_SPLITS`` groups (XLA:CPU runs the
+    groups' loops concurrently); the mask is still exact top-K per row, ties to the lowest index."""
+    rng = np.random.default_rng(5)
+    x = (rng.integers(0, 6, (512, 96)) * rng.choice([-1.0, 1.0], (512, 96))).astype(np.float32)  # many ties
+    x[::7] = rng.normal(size=(74, 96))
+    k = 40
+    np.testing.assert_array_equal(topk_mask(jnp.asarray(x), k), reference_mask(x, k))
+    loops = lambda f: jax.jit(f).lower(jnp.asarray(x)).as_text().count("stablehlo.while")
+    whole = loops(lambda x: T._rows_search(x, k, False, None))
+    assert T.CPU_ROW_SPLITS >= 2 and loops(lambda x: topk_mask(x, k)) >= T.CPU_ROW_SPLITS * whole > 0
+
+
 @given(rows=st.integers(1, 6), blocks=st.integers(1, 5), m=st.sampled_from([2, 4, 8, 32]),
        seed=st.integers(0, 2**16), frac=st.floats(0.01, 1.0))
 def test_block_keeps_n_per_block_of_m(rows, blocks, m, seed, frac):
