@@ -76,8 +76,7 @@ def kept_rows_sorted(q: jax.Array, rows: int) -> tuple[jax.Array, jax.Array, jax
     the v5p SparseCore (XLA's cost model leaves it without a time and counts 34 MB for one 4096-wide row)
     and the column gather ``q[:, idx]`` is costed at ~10x the sort (benchmarks/RESULTS.md, decode)."""
     nz = jnp.any(q != 0, axis=0)
-    m, d = q.shape
-    out = jax.lax.sort((~nz, jnp.arange(d, dtype=jnp.int32), *q), num_keys=1, is_stable=True)
+    out = jax.lax.sort((~nz, jnp.arange(q.shape[1], dtype=jnp.int32), *q), num_keys=1, is_stable=True)
     return out[1][:rows], jnp.sum(nz, dtype=jnp.int32), jnp.stack(out[2:])[:, :rows]
 
 

@@ -112,9 +112,9 @@ def _rows_topk_mask(x: jax.Array, k: int, values_only: bool = False, ways: int |
 
     Compiled for CPU with no mesh (one device), many rows are searched in ``CPU_ROW_SPLITS`` independent
     groups: XLA:CPU runs independent loops concurrently, and the search's loop is otherwise one thread
-    while the matmuls use every core (the 2048×1024 → 4096 top-K layer, fwd + bwd, on 2 cores, three
-    interleaved runs: 1.082 / 1.073 / 1.110× dense in one group, 1.046 / 1.031 / 1.069× in two;
-    benchmarks/RESULTS.md). The same rows, the same mask."""
+    while the matmuls use every core (the 2048×1024 → 4096 top-K layer, fwd + bwd, on 2 cores, an
+    interleaved A/B of 5 repeats: mean 1.102× dense in one group, 1.045× in two; benchmarks/RESULTS.md).
+    The same rows, the same mask."""
     d = x.shape[-1]
     if k >= d:
         return jnp.ones(x.shape, bool)
