@@ -16,7 +16,8 @@ the mask given by positions: query i sees key j when ``0 ≤ qpos_i − kpos_j``
   causal by index, packed segments; no sliding window.
 ``auto`` picks flash on TPU, cudnn on GPU and xla on CPU (the platform of the mesh the program is
 compiled for, so a TPU slice compiled from a CPU host gets flash), and falls back to ``chunked`` where the
-fused kernel does not implement the mask.
+fused kernel does not implement the mask; decode (at most ``DECODE_QUERIES`` queries against a KV cache)
+takes ``xla`` everywhere: its scores are small, and ``chunked``'s key-block scan reads more.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 from .sharding import active_mesh, logical_to_spec, target_platform
 
 IMPLS = ("auto", "xla", "chunked", "cudnn", "flash")
+DECODE_QUERIES = 16  # queries against a KV cache up to which auto attends with all scores at once
 NEG = float(jnp.finfo(jnp.float32).min)
 
 
@@ -210,6 +212,8 @@ def resolve(impl: str, spec: MaskSpec, platform: str | None = None, dtype=None) 
     not implement. An explicit ``cudnn`` with other activations is an error."""
     platform = platform or target_platform()
     half = dtype is None or jnp.dtype(dtype) in CUDNN_DTYPES
+    if impl == "auto" and spec.k_valid is not None and spec.q_pos.shape[1] <= DECODE_QUERIES:
+        return "xla"
     if impl == "auto":
         impl = {"tpu": "flash", "gpu": "cudnn" if half else "chunked"}.get(platform, "xla")
     elif impl == "cudnn" and not half:

@@ -5,7 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qsparse_jax.nn.attention import MaskSpec, attend, attention_chunked, attention_cudnn, attention_xla, resolve
+from qsparse_jax.nn.attention import (
+    DECODE_QUERIES,
+    MaskSpec,
+    attend,
+    attention_chunked,
+    attention_cudnn,
+    attention_xla,
+    resolve,
+)
 
 
 def _qkv(b=2, s=40, h=4, g=2, d=16, t=None, seed=0):
@@ -73,6 +81,19 @@ def test_auto_picks_per_backend_and_falls_back_where_a_kernel_lacks_the_mask():
     assert resolve("auto", s["sliding window"], "gpu") == "cudnn"
     long = _specs(s=256)["causal"]
     assert resolve("auto", long, "tpu") == "flash" and resolve("flash", s["causal"], "tpu") == "chunked"  # 40 % 128
+
+
+def test_auto_decodes_a_few_queries_against_the_cache_with_all_scores_at_once():
+    """Decode (≤ DECODE_QUERIES queries against a KV cache): no fused kernel takes the cache's mask, and the
+    key-block scan of ``chunked`` costs more than the whole [b, h, s, t] scores, which are small for few
+    queries (v5p, one 7B layer, 576 cached positions: 156 vs 116 MB per step; benchmarks/RESULTS.md)."""
+    t = 576
+    for s_ in (1, DECODE_QUERIES, DECODE_QUERIES + 1):
+        pos = jnp.arange(s_, dtype=jnp.int32)[None]
+        spec = MaskSpec(pos, jnp.arange(t, dtype=jnp.int32)[None], k_valid=jnp.arange(t) < 200)
+        want = "xla" if s_ <= DECODE_QUERIES else "chunked"
+        assert [resolve("auto", spec, p, jnp.bfloat16) for p in ("tpu", "gpu", "cpu")] == [want, want, "xla"]
+    assert resolve("chunked", spec, "tpu") == "chunked"  # an explicit choice stands
 
 
 def test_cudnn_only_for_16_bit_activations():
