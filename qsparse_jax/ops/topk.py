@@ -100,7 +100,7 @@ def _search(count_ok, lo, hi, width: int, ways: int | dict[str, int]):
     return lo
 
 
-CPU_ROW_SPLITS = 2  # searches over this many row groups, compiled for CPU without a mesh: see _rows_topk_mask
+CPU_ROW_SPLITS = 2  # searches over this many row groups, compiled for CPU in a one-device process: _rows_topk_mask
 CPU_SPLIT_MIN_ROWS = 256
 
 
@@ -110,7 +110,7 @@ def _rows_topk_mask(x: jax.Array, k: int, values_only: bool = False, ways: int |
     ``values_only``: the caller only uses ``where(mask, x, 0)``, so rows whose ties are zeros (ReLU²
     outputs with fewer than k non-zeros) may keep all of them: same values, no tie-break pass.
 
-    Compiled for CPU with no mesh (one device), many rows are searched in ``CPU_ROW_SPLITS`` independent
+    Compiled for CPU in a one-device process, many rows are searched in ``CPU_ROW_SPLITS`` independent
     groups: XLA:CPU runs independent loops concurrently, and the search's loop is otherwise one thread
     while the matmuls use every core (the 2048×1024 → 4096 top-K layer, fwd + bwd, on 2 cores, an
     interleaved A/B of 5 repeats: mean 1.102× dense in one group, 1.045× in two; benchmarks/RESULTS.md).
@@ -118,9 +118,8 @@ def _rows_topk_mask(x: jax.Array, k: int, values_only: bool = False, ways: int |
     d = x.shape[-1]
     if k >= d:
         return jnp.ones(x.shape, bool)
-    mesh = jax.sharding.get_abstract_mesh()
     if (ways is None and x.ndim >= 2 and x.shape[0] % CPU_ROW_SPLITS == 0 and x.size // d >= CPU_SPLIT_MIN_ROWS
-            and (mesh.empty or mesh.size == 1)):
+            and jax.device_count() == 1 and jax.sharding.get_abstract_mesh().empty):  # no sharded rows to split
         whole = lambda x: _rows_search(x, k, values_only, None)
         groups = lambda x: jnp.concatenate([whole(p) for p in jnp.split(x, CPU_ROW_SPLITS)], axis=0)
         return lax.platform_dependent(x, cpu=groups, default=whole)
