@@ -90,13 +90,17 @@ def _bisect(ok, lo, hi, passes: int):
     return lax.fori_loop(0, passes, body, (lo, hi))[0]
 
 
+def _magnitude(x, sixteen: bool):
+    """``|x|``'s bit pattern as int32 and the pattern of +inf; a bf16 value widened to float32 has 16 zero
+    low bits, so ``sixteen`` keeps its own 16-bit pattern, exactly."""
+    bits = lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.int32)
+    return (lax.shift_right_logical(bits, 16), 0x7F80) if sixteen else (bits, 0x7F800000)
+
+
 def _kernel(x_ref, o_ref, *, k: int, sixteen: bool, vpasses: int, ipasses: int):
     x = x_ref[...]
     d = x.shape[-1]
-    bits = lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.int32)
-    inf = 0x7F800000
-    if sixteen:  # a bf16 value widened to float32 has 16 zero low bits: its own pattern, exactly
-        bits, inf = lax.shift_right_logical(bits, 16), 0x7F80
+    bits, inf = _magnitude(x, sixteen)
     o_ref[...] = jnp.where(_search(bits, k, d, inf, vpasses, ipasses), x, jnp.zeros((), x.dtype))
 
 
@@ -167,10 +171,7 @@ def _search(bits, k: int, d: int, inf: int, vpasses: int, ipasses: int):
 def _gpu_kernel(x_ref, o_ref, *, k: int, d: int, dp: int, sixteen: bool, vpasses: int, ipasses: int):
     ok = lax.broadcasted_iota(jnp.int32, (1, dp), 1) < d
     x = pltriton.load(x_ref.at[:, pl.ds(0, dp)], mask=ok, other=0)
-    bits = lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.int32)
-    inf = 0x7F800000
-    if sixteen:
-        bits, inf = lax.shift_right_logical(bits, 16), 0x7F80
+    bits, inf = _magnitude(x, sixteen)
     keep = _search(jnp.where(ok, bits, -1), k, d, inf, vpasses, ipasses)
     pltriton.store(o_ref.at[:, pl.ds(0, dp)], jnp.where(keep, x, jnp.zeros((), x.dtype)), mask=ok)
 

@@ -342,19 +342,14 @@ def must_read_bytes(model_cfg, params, cache, batch: int, prompt_len: int, new_t
     weight, not the float one), the batch's embedding rows, and the KV cache at its mean length over the
     decode. ``kept``: the same with each top-K projection's weight scaled by the expected share of rows
     any token keeps (``_kept_share``), the floor of a decode that reads only the kept rows."""
-    leaves = [(_names(p), a) for p, a in jax.tree_util.tree_leaves_with_path(params)]
-    packed = {tuple(n[:n.index("packed")]) for n, _ in leaves if "packed" in n}
     total = kept = 0.0
-    for n, a in leaves:
-        b = float(bytes_per_device(a))
-        owner = [x for x in n if x not in ("data", "scale")]
-        if owner[-1] in ("weight", "mask") and tuple(owner[:-1]) in packed:
-            continue  # read through the packed copy
-        if owner == ["embed"] and not model_cfg.tie_embeddings:
+    for p, a in jax.tree_util.tree_leaves_with_path(params):  # a packed copy carries no float weight
+        n, b = _names(p), float(bytes_per_device(a))
+        if n == ["embed"] and not model_cfg.tie_embeddings:
             b *= batch / a.shape[0]  # one row per token
         share = 1.0
-        proj = owner[-2] if owner[-1] in ("weight", "packed") and len(owner) > 1 else None
-        if proj in PROJECTIONS and a.ndim >= 2:  # the weight [.., in, out] (not a packed weight's scale)
+        if _is_projection_weight(n):  # the weight [.., in, out] or its packed words (not a packed scale)
+            proj = n[-2] if n[-1] == "weight" else n[-3]
             share = _kept_share(model_cfg, PROJECTIONS[proj], a.shape[-2], batch)
         total, kept = total + b, kept + b * share
     fill = (prompt_len + new_tokens / 2) / (prompt_len + new_tokens)
